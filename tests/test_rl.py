@@ -158,3 +158,24 @@ def test_several_updates_per_rollout_move_the_ratio_off_one_so_clipping_can_bind
     assert many["entropy"] == pytest.approx(one["entropy"], rel=1e-4)  # the sampling policy's entropy either way
     with pytest.raises(ValueError, match="ppo_epochs"):
         GRPOConfig(ppo_epochs=0)
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batches_accumulate_the_gradient_of_the_whole_batch(aggregation):
+    from shared.rl.grpo import grpo_step
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    grads = []
+    for micro in (None, 3):  # 8 rows in micro-batches of 3, 3, 2: unequal shares of rows and tokens
+        model, rollout, groups = _tiny_rollout()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # a zero step keeps the gradient to compare
+        stats = grpo_step(model, opt, rollout, rewards, groups, GRPOConfig(aggregation=aggregation, micro_batch_size=micro))
+        grads.append(([p.grad.clone() for p in model.parameters() if p.grad is not None], stats))
+    (whole, s_whole), (micro, s_micro) = grads
+    assert len(whole) == len(micro) > 0
+    for a, b in zip(whole, micro):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert s_micro["loss"] == pytest.approx(s_whole["loss"], abs=1e-6)
+    assert s_micro["entropy"] == pytest.approx(s_whole["entropy"], rel=1e-5)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        GRPOConfig(micro_batch_size=0)

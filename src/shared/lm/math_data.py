@@ -1,9 +1,16 @@
 r"""Math word problems for the ``paper`` profile of the RL chapters: GSM8K and MATH-500, with a verifier.
 
-The loaders read the Hugging Face datasets (``openai/gsm8k``, config ``main``, and
-``HuggingFaceH4/MATH-500``, split ``test``) through ``datasets.load_dataset``, or, given ``path``, a
-local JSONL file with the same fields (GSM8K: ``question``, ``answer`` with the final answer after
-``####``; MATH-500: ``problem``, ``answer``). Tests and offline runs use the local form.
+The loaders read the Hugging Face datasets through ``datasets.load_dataset``, or, given ``path``, a
+local JSONL or Parquet file with the same fields. Tests and offline runs use the local form.
+
+* GSM8K (``openai/gsm8k``, config ``main``): ``question``, ``answer`` with the final answer after ``####``;
+* MATH-500 (``HuggingFaceH4/MATH-500``, split ``test``) and AIME 2024 (``HuggingFaceH4/aime_2024``,
+  split ``train``): ``problem``, ``answer``;
+* RLVR training sets in verl's format, e.g. DAPO-Math-17k (``BytedTsinghua-SIA/DAPO-Math-17k``) and
+  LUFFY's OpenR1-Math-46k (``Elliott/Openr1-Math-46k-8192``): ``prompt`` (a list of chat messages,
+  whose user turn already carries the data set's own instruction) and ``reward_model.ground_truth``.
+
+:func:`load_math_dataset` picks the loader from a hub name or, for a local file, from its fields.
 
 The reward is the exact-match verdict of :func:`math_verify` on the extracted final answer: the last
 ``\boxed{...}`` of the response (nested braces allowed), else the number after ``####``, else the
@@ -32,19 +39,26 @@ class MathProblem:
     prompt: str
     answer: str
     source: str
+    instruction: str = INSTRUCTION  # appended to the prompt; "" when the prompt already carries one (verl data)
 
 
 # ## Loading
 
 
-def _read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+def _read_local(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a local ``.jsonl`` (one JSON object per line) or ``.parquet`` file (the latter needs pandas + pyarrow)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pandas as pd
+
+        return pd.read_parquet(path).to_dict("records")
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
 def _rows(hf_name: str, hf_config: str | None, split: str, path: str | Path | None) -> list[dict[str, Any]]:
     if path is not None:
-        return _read_jsonl(path)
+        return _read_local(path)
     from datasets import load_dataset  # the `paper` extra; never imported by the quick profile
 
     ds = load_dataset(hf_name, hf_config, split=split) if hf_config else load_dataset(hf_name, split=split)
@@ -72,6 +86,77 @@ def load_math500(n: int | None = None, path: str | Path | None = None) -> list[M
     return [MathProblem(r["problem"], str(r["answer"]), "math500") for r in rows]
 
 
+def load_aime24(n: int | None = None, path: str | Path | None = None) -> list[MathProblem]:
+    """The 30 AIME 2024 problems (integer answers 0-999)."""
+    rows = _rows("HuggingFaceH4/aime_2024", None, "train", path)
+    rows = rows if n is None else rows[:n]
+    return [MathProblem(r["problem"], str(r["answer"]), "aime24") for r in rows]
+
+
+def _user_turn(prompt: Any) -> str:
+    """The text of a verl ``prompt``: a plain string, or the last user message of a chat."""
+    if isinstance(prompt, str):
+        return prompt
+    turns = [m for m in list(prompt) if m.get("role", "user") == "user"]
+    if not turns:
+        raise ValueError("a verl-format prompt must contain a user message")
+    return str(turns[-1]["content"])
+
+
+def load_verl_math(name: str, split: str = "train", n: int | None = None, path: str | Path | None = None,
+                   dedupe: bool = True) -> list[MathProblem]:
+    """Problems of an RLVR training set in verl's format (``prompt`` chat + ``reward_model.ground_truth``).
+
+    The user turn is kept as it is, with the data set's own instruction (DAPO-Math-17k asks for a last
+    line ``Answer: ...``), so ``instruction`` is empty. ``dedupe`` keeps the first occurrence of each
+    prompt (the DAPO-Math-17k hub file repeats its ~17k problems many times), then ``n`` keeps the first ``n``.
+    """
+    problems, seen = [], set()
+    for r in _rows(name, None, split, path):
+        text = _user_turn(r["prompt"])
+        if dedupe and text in seen:
+            continue
+        seen.add(text)
+        problems.append(MathProblem(text, str(r["reward_model"]["ground_truth"]), name.rsplit("/", 1)[-1], instruction=""))
+        if n is not None and len(problems) == n:
+            break
+    return problems
+
+
+HUB_LOADERS = {
+    "openai/gsm8k": lambda n, path: load_gsm8k("train", n, path),
+    "HuggingFaceH4/MATH-500": load_math500,
+    "HuggingFaceH4/aime_2024": load_aime24,
+    "BytedTsinghua-SIA/DAPO-Math-17k": lambda n, path: load_verl_math("BytedTsinghua-SIA/DAPO-Math-17k", "train", n, path),
+    "Elliott/Openr1-Math-46k-8192": lambda n, path: load_verl_math("Elliott/Openr1-Math-46k-8192", "train", n, path),
+}
+"""The data sets the RL chapters' ``paper`` profiles name (GSM8K here means its training split)."""
+
+
+def load_math_dataset(name: str, n: int | None = None) -> list[MathProblem]:
+    """Problems from a hub name of :data:`HUB_LOADERS` or a local ``.jsonl`` / ``.parquet`` file.
+
+    A local file's format is read from its first row: ``reward_model`` → verl, ``question`` → GSM8K,
+    ``problem`` → MATH-500 / AIME.
+    """
+    if name in HUB_LOADERS:
+        return HUB_LOADERS[name](n, None)
+    path = Path(name)
+    if path.suffix not in (".jsonl", ".parquet") or not path.exists():
+        raise ValueError(f"data {name!r} is neither a known data set ({', '.join(HUB_LOADERS)}) nor a local .jsonl/.parquet file")
+    rows = _read_local(path)
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    first = rows[0]
+    if "reward_model" in first:
+        return load_verl_math(path.stem, n=n, path=path)
+    if "question" in first:
+        return load_gsm8k(n=n, path=path)
+    if "problem" in first:
+        return load_math500(n=n, path=path)
+    raise ValueError(f"{path}: unknown fields {sorted(first)}; expected verl (prompt, reward_model), GSM8K (question, answer) or MATH (problem, answer)")
+
+
 # ## Answers
 
 
@@ -92,11 +177,15 @@ _NUMBER = r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+"
 
 
 def extract_answer(text: str) -> str | None:
-    r"""The final answer of a response: the last ``\boxed{...}``, else the number after the last
-    ``####``, else the last number of the text; ``None`` when there is none."""
+    r"""The final answer of a response: the last ``\boxed{...}``, else what follows the last
+    ``Answer:`` on its line (DAPO's format), else the number after the last ``####``, else the last
+    number of the text; ``None`` when there is none."""
     boxed = _boxed_contents(text)
     if boxed:
         return boxed[-1].strip()
+    answer_lines = re.findall(r"Answer:[ \t]*(.+)", text)
+    if answer_lines and answer_lines[-1].strip():
+        return answer_lines[-1].strip().rstrip(".").strip("$ ")
     if "####" in text:
         m = re.search(_NUMBER, text.split("####")[-1])
         if m:
@@ -169,13 +258,15 @@ def math_verify(problem: MathProblem, response: str) -> float:
 # ## Prompts
 
 
-def chat_prompt(problem: MathProblem, tokenizer: Any = None, instruction: str = INSTRUCTION,
+def chat_prompt(problem: MathProblem, tokenizer: Any = None, instruction: str | None = None,
                 system: str | None = None) -> str:
     """The prompt text for ``problem``: the tokenizer's chat template (as a user turn, with the
     generation prompt) when it has one, else a plain ``Question: ... Answer:`` frame.
 
-    ``tokenizer`` may be a Hugging Face tokenizer or an :class:`~shared.lm.hf_policy.HFTokenizerAdapter`.
+    ``tokenizer`` may be a Hugging Face tokenizer or an :class:`~shared.lm.hf_policy.HFTokenizerAdapter`;
+    ``instruction`` defaults to the problem's own.
     """
+    instruction = problem.instruction if instruction is None else instruction
     content = f"{problem.prompt}\n{instruction}" if instruction else problem.prompt
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     if tok is not None and getattr(tok, "chat_template", None):

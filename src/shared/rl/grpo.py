@@ -52,6 +52,7 @@ class GRPOConfig:
     temperature: float = 1.0  # rollout temperature; the training log-probs use the same
     ppo_epochs: int = 1  # passes over each rollout (verl: ppo_epochs; 1 = strictly on-policy)
     minibatches: int = 1  # optimiser steps per pass, on contiguous slices of the rollout (verl: batch / ppo_mini_batch_size)
+    micro_batch_size: int | None = None  # rows per forward/backward, gradients accumulated (verl: ppo_micro_batch_size); None = the whole mini-batch
     max_grad_norm: float = 1.0
     eps: float = 1e-6
 
@@ -62,6 +63,8 @@ class GRPOConfig:
             raise ValueError(f"clip range ({self.clip_low}, {self.clip_high}) is not allowed: 0 <= clip_low < 1, clip_high >= 0")
         if self.ppo_epochs < 1 or self.minibatches < 1:
             raise ValueError(f"ppo_epochs={self.ppo_epochs}, minibatches={self.minibatches}: both must be >= 1")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size={self.micro_batch_size}: must be >= 1 or None")
 
 
 @dataclass
@@ -193,6 +196,36 @@ class StepStats:
     values: dict[str, float] = field(default_factory=dict)
 
 
+def _micro_batches(idx: Tensor, valid: Tensor, config: GRPOConfig) -> list[tuple[Tensor, float]]:
+    """Split a mini-batch's rows into micro-batches with the weight of each in the mini-batch's loss.
+
+    The weight makes the accumulated gradient equal the mini-batch's: the share of valid tokens for the
+    token-level loss, the share of rows for the per-sequence ones.
+    """
+    size = config.micro_batch_size or len(idx)
+    chunks = list(torch.split(idx, size))
+    if len(chunks) == 1:
+        return [(idx, 1.0)]
+    if config.aggregation == "token-mean":
+        total = float(valid[idx].sum().clamp(min=1))
+        return [(c, float(valid[c].sum()) / total) for c in chunks]
+    return [(c, len(c) / len(idx)) for c in chunks]
+
+
+def _token_batch(model: TinyTransformer, sub: Rollout, adv: Tensor, mask: Tensor, rewards: Tensor, group_ids: Tensor,
+                 config: GRPOConfig, ref_model: TinyTransformer | None) -> TokenBatch:
+    """Log-probs, entropies and logits of the current policy on the rows of ``sub``, with the rollout's data."""
+    logits = response_logits(model, sub, config.temperature)
+    logp = torch.log_softmax(logits, -1).gather(-1, sub.tokens[..., None]).squeeze(-1)
+    ref_logp = None
+    if ref_model is not None and config.kl_coef:
+        with torch.no_grad():
+            ref_logits = response_logits(ref_model, sub, config.temperature)
+            ref_logp = torch.log_softmax(ref_logits, -1).gather(-1, sub.tokens[..., None]).squeeze(-1)
+    return TokenBatch(logp, sub.logprobs, adv[:, None].expand_as(logp), mask, entropy_from_logits(logits), logits,
+                      rewards, group_ids, ref_logp)
+
+
 def grpo_step(model: TinyTransformer, optimizer: torch.optim.Optimizer, rollout: Rollout, rewards: Tensor,
               group_ids: Tensor, config: GRPOConfig = GRPOConfig(), hooks: GRPOHooks = GRPOHooks(),
               ref_model: TinyTransformer | None = None) -> dict[str, float]:
@@ -201,8 +234,10 @@ def grpo_step(model: TinyTransformer, optimizer: torch.optim.Optimizer, rollout:
     Order: shape rewards → (dynamic sampling) → group advantages → then ``ppo_epochs`` passes of
     ``minibatches`` clipped-gradient optimiser steps, each on log-probs under the current policy with
     the hooks. The default (1, 1) is one strictly on-policy step; more make the importance ratio, and
-    so clipping, act. Reported loss and clip fraction are means over the steps; the entropy is the
-    sampling policy's.
+    so clipping, act. ``micro_batch_size`` only bounds memory: each mini-batch's gradient is
+    accumulated over micro-batches, equal to the whole mini-batch's (hooks that use batch statistics,
+    e.g. quantiles, then see one micro-batch, as in verl). Reported loss and clip fraction are means
+    over the steps; the entropy is the sampling policy's.
     """
     raw_rewards = rewards.float()
     shaped = raw_rewards if hooks.shape_rewards is None else hooks.shape_rewards(raw_rewards, rollout)
@@ -214,28 +249,28 @@ def grpo_step(model: TinyTransformer, optimizer: torch.optim.Optimizer, rollout:
     if not keep.any():
         return stats | {"loss": 0.0, "clip_fraction": 0.0, "entropy": float((rollout.entropies * rollout.mask).sum() / rollout.mask.sum())}
     adv = group_advantages(shaped, group_ids, config.std_normalize, config.eps)
+    valid = rollout.mask & keep[:, None]
     model.train()
     rows = torch.arange(len(rewards), device=rewards.device)
     updates = []
     for _ in range(config.ppo_epochs):  # after the first step the ratio departs from 1 and clipping can bind
         for idx in torch.tensor_split(rows, config.minibatches):
-            sub = _select_rows(rollout, idx)
-            logits = response_logits(model, sub, config.temperature)
-            logp = torch.log_softmax(logits, -1).gather(-1, sub.tokens[..., None]).squeeze(-1)
-            ref_logp = None
-            if ref_model is not None and config.kl_coef:
-                with torch.no_grad():
-                    ref_logits = response_logits(ref_model, sub, config.temperature)
-                    ref_logp = torch.log_softmax(ref_logits, -1).gather(-1, sub.tokens[..., None]).squeeze(-1)
-            batch = TokenBatch(logp, sub.logprobs, adv[idx, None].expand_as(logp), sub.mask & keep[idx, None],
-                               entropy_from_logits(logits), logits, shaped[idx], group_ids[idx], ref_logp)
-            loss, loss_stats = grpo_loss(batch, config, hooks)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            step_stats: dict[str, float] = {}
+            entropy_sum, token_count = torch.zeros(()), torch.zeros(())
+            for chunk, weight in _micro_batches(idx, valid, config):
+                sub = _select_rows(rollout, chunk)
+                batch = _token_batch(model, sub, adv[chunk], valid[chunk], shaped[chunk], group_ids[chunk], config, ref_model)
+                loss, loss_stats = grpo_loss(batch, config, hooks)
+                (loss * weight).backward()
+                for k, v in loss_stats.items():
+                    step_stats[k] = step_stats.get(k, 0.0) + weight * v
+                with torch.no_grad():
+                    entropy_sum = entropy_sum.to(batch.entropy.device) + (batch.entropy * sub.mask).sum()
+                    token_count = token_count.to(batch.entropy.device) + sub.mask.sum()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
-            with torch.no_grad():
-                updates.append((loss_stats, (batch.entropy * sub.mask).sum(), sub.mask.sum()))
+            updates.append((step_stats, entropy_sum, token_count))
     if len(updates) == 1:  # the default single on-policy step: its forward pass is the sampling policy
         stats["entropy"] = float(updates[0][1] / updates[0][2])
     else:  # later mini-batches see an updated policy: report the sampler's own per-token entropies

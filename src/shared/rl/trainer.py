@@ -131,27 +131,29 @@ def evaluate(model: TinyTransformer, problems: list[Any], k: int, temperature: f
 
 def train_rl(model: TinyTransformer, config: RLConfig, hooks: GRPOHooks = GRPOHooks(), *, desc: str = "GRPO",
              on_rollout: Callable[[int, Rollout, torch.Tensor], dict] | None = None, show_progress: bool = True,
-             source: ProblemSource | None = None, tokenizer: Any = None) -> RLRun:
+             source: ProblemSource | None = None, tokenizer: Any = None, eval_source: ProblemSource | None = None) -> RLRun:
     """Train ``model`` in place with GRPO (+ the chapter's ``hooks``); return it with its history.
 
     ``on_rollout(step, rollout, rewards)`` may return extra per-step values to record (e.g. a
     chapter's own diagnostics computed on the sampled batch before the update). The quick profile
     uses the tiny LM's tasks (``source=None``: ``TaskSource(config.task, config.difficulties)`` and the
     char tokenizer); the paper profile passes an :class:`~shared.lm.hf_policy.HFPolicy` as ``model``,
-    its ``HFTokenizerAdapter`` and a :class:`MathSource`: the loop is the same.
+    its ``HFTokenizerAdapter`` and a :class:`MathSource`: the loop is the same. The held-out set is
+    drawn from ``eval_source`` (e.g. MATH-500 while training on DAPO-Math), by default from ``source``.
     """
     torch.manual_seed(config.seed)
     source = source or TaskSource(config.task, config.difficulties)
     tok = tokenizer or CharTokenizer()
     device = next(model.parameters()).device
     rng = np.random.default_rng([config.seed, 17])
-    eval_set = source.sample(np.random.default_rng([config.seed, 99]), config.eval_problems)
+    eval_from = eval_source or source
+    eval_set = eval_from.sample(np.random.default_rng([config.seed, 99]), config.eval_problems)
     ref = copy.deepcopy(model).eval() if config.use_reference else None
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     gen = torch.Generator(device=device).manual_seed(config.seed)
     groups = torch.arange(config.prompts_per_step, device=device).repeat_interleave(config.group_size)
     history, evals = [], []
-    ev = dict(source=source, tokenizer=tok)
+    ev = dict(source=eval_from, tokenizer=tok)
     steps = progress(range(config.steps), desc=desc) if show_progress else range(config.steps)
     for step in steps:
         if step % config.eval_every == 0:
@@ -170,29 +172,40 @@ def train_rl(model: TinyTransformer, config: RLConfig, hooks: GRPOHooks = GRPOHo
     return RLRun(model, pd.DataFrame(history).set_index("step"), pd.DataFrame(evals).set_index("step"))
 
 
-def _cache_path(config: RLConfig, model: TinyTransformer, tag: str) -> Path:
-    """Cache file of a run: keyed by the full config, the starting weights and a tag naming the hooks."""
+def _cache_path(config: RLConfig, model: TinyTransformer, tag: str, source: TaskSource) -> Path:
+    """Cache file of a run: keyed by the full config, the problem source, the starting weights and a tag naming the hooks."""
     weights = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         weights.update(name.encode())
         weights.update(tensor.detach().cpu().numpy().tobytes())
-    key = hashlib.sha256(json.dumps([dataclasses.asdict(config), tag, weights.hexdigest()], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    parts = [dataclasses.asdict(config), tag, weights.hexdigest()]
+    if source != TaskSource(config.task, config.difficulties):  # the default source keeps the historical key
+        parts.append(repr(source))
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
     root = Path(os.environ.get("ENTROPY_BOOK_CACHE", Path.home() / ".cache" / "entropy-at-test-time"))
     return root / "rl-runs" / f"{tag}-{key}.pt"
 
 
 def cached_train_rl(model: TinyTransformer, config: RLConfig, hooks: GRPOHooks = GRPOHooks(), *, tag: str = "grpo",
-                    desc: str = "GRPO", show_progress: bool = True) -> RLRun:
-    """:func:`train_rl`, cached on disk by (config, starting weights, ``tag``): chapters that share a baseline
-    run (plain GRPO on the same base model and settings) train it once. ``tag`` must name the hooks
-    uniquely (``"grpo"`` for none); a cache hit returns the identical trained weights and history.
+                    desc: str = "GRPO", show_progress: bool = True, source: ProblemSource | None = None,
+                    tokenizer: Any = None, eval_source: ProblemSource | None = None) -> RLRun:
+    """:func:`train_rl`, cached on disk by (config, source, starting weights, ``tag``): chapters that share a
+    baseline run (plain GRPO on the same base model and settings) train it once. ``tag`` must name the
+    hooks uniquely (``"grpo"`` for none); a cache hit returns the identical trained weights and history.
+
+    Only tiny-LM runs on the book's tasks are cached (a few hundred kB each); any other policy or
+    source (the paper profile's billion-parameter models) is trained afresh by :func:`train_rl`.
     """
-    path = _cache_path(config, model, tag)
+    source = source or TaskSource(config.task, config.difficulties)
+    if not (isinstance(model, TinyTransformer) and isinstance(source, TaskSource) and eval_source is None):
+        return train_rl(model, config, hooks, desc=desc, show_progress=show_progress, source=source, tokenizer=tokenizer,
+                        eval_source=eval_source)
+    path = _cache_path(config, model, tag, source)
     if path.exists():
         blob = torch.load(path, weights_only=False)
         model.load_state_dict(blob["state_dict"])
         return RLRun(model, blob["history"], blob["evals"])
-    run = train_rl(model, config, hooks, desc=desc, show_progress=show_progress)
+    run = train_rl(model, config, hooks, desc=desc, show_progress=show_progress, source=source, tokenizer=tokenizer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save({"state_dict": run.model.state_dict(), "history": run.history, "evals": run.evals}, tmp)  # pickled: exact
@@ -200,14 +213,15 @@ def cached_train_rl(model: TinyTransformer, config: RLConfig, hooks: GRPOHooks =
     return run
 
 
-def entropy_accuracy_record(config: RLConfig, runs: dict[str, RLRun], method: str) -> dict:
+def entropy_accuracy_record(config: RLConfig, runs: dict[str, RLRun], method: str, name: str | None = None) -> dict:
     """The ``metrics["entropy_accuracy"]`` entry of an RL chapter: eval entropy and pass@1 per arm.
 
-    The setting's name is built from ``config`` ("tiny-LM countdown 3"), so the part's overview puts
+    The setting's name is built from ``config`` ("tiny-LM countdown 3") unless ``name`` is given (the
+    paper profile passes its :class:`~shared.rl.testbed.Testbed`'s), so the part's overview puts
     chapters that train on the same task in the same panel.
     """
     if method not in runs:
         raise ValueError(f"method {method!r} is not among the arms {sorted(runs)}")
-    name = f"tiny-LM {config.task} {'-'.join(map(str, config.difficulties))}"
+    name = name or f"tiny-LM {config.task} {'-'.join(map(str, config.difficulties))}"
     return {"name": name, "method": method,
             "points": {arm: {"entropy": run.evals["entropy"].tolist(), "accuracy": run.evals["pass@1"].tolist()} for arm, run in runs.items()}}
