@@ -179,3 +179,18 @@ def test_micro_batches_accumulate_the_gradient_of_the_whole_batch(aggregation):
     assert s_micro["entropy"] == pytest.approx(s_whole["entropy"], rel=1e-5)
     with pytest.raises(ValueError, match="micro_batch_size"):
         GRPOConfig(micro_batch_size=0)
+
+
+def test_chunked_rollouts_keep_shapes_and_the_whole_batch_default():
+    from shared.lm.rollout import generate
+
+    model, rollout, _ = _tiny_rollout()
+    again = generate(model, rollout.prompt_tokens, rollout.prompt_mask, max_new_tokens=6, generator=torch.Generator().manual_seed(0),
+                     batch_size=100)  # one chunk: the same draws as the whole batch
+    assert torch.equal(again.tokens, rollout.tokens) and torch.equal(again.logprobs, rollout.logprobs)
+    chunked = generate(model, rollout.prompt_tokens, rollout.prompt_mask, max_new_tokens=6, generator=torch.Generator().manual_seed(0),
+                       batch_size=3)
+    assert chunked.tokens.shape == rollout.tokens.shape and torch.equal(chunked.prompt_tokens, rollout.prompt_tokens)
+    first = generate(model, rollout.prompt_tokens[:3], rollout.prompt_mask[:3], max_new_tokens=6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(chunked.tokens[:3], first.tokens)  # the first chunk draws first
+    assert ((chunked.logprobs != 0) == chunked.mask).all()

@@ -12,6 +12,7 @@ from shared.lm.tokenizer import CharTokenizer
 from shared.rl.aepo import (
     AEPO, AEPOConfig, problem_from_prompt, reinforce_count, reinforce_loss, select_positive, switch_temperature,
 )
+from shared.rl.grpo import TokenBatch
 
 
 def test_temperature_switches_on_the_target_entropy():
@@ -104,3 +105,80 @@ def test_one_aepo_step_records_its_choice_and_adds_a_finite_loss():
     out = grpo_step(model, torch.optim.Adam(model.parameters(), 1e-4), rollout, rewards, torch.arange(8) // 4,
                     GRPOConfig(), aepo.hooks())
     assert np.isfinite(out["loss"]) and aepo.pending is None
+
+
+# ## The same method on any testbed: the source's reward, the tokenizer's ids, micro-batches
+
+
+def test_the_source_path_reproduces_the_tiny_lm_prompt_path():
+    from shared.lm.pretrain import load_base_model
+    from shared.rl.trainer import RLConfig, TaskSource, train_rl
+
+    config = RLConfig(prompts_per_step=4, group_size=4, steps=3, eval_every=10, eval_problems=4, eval_k=2)
+    histories = []
+    for source in (None, TaskSource(config.task, config.difficulties)):
+        model = load_base_model()
+        aepo = AEPO(model, AEPOConfig(target_entropy=10.0, max_samples=4, prompt_fraction=0.5), group_size=4, source=source)
+        kwargs = {} if source is None else {"source": aepo.source}
+        histories.append(train_rl(model, config, aepo.hooks(), on_rollout=aepo.on_rollout, show_progress=False, **kwargs).history)
+    assert histories[0].equals(histories[1]) and histories[0]["aepo_kept"].sum() > 0
+
+
+def test_aepo_runs_on_a_hugging_face_policy_with_its_tokenizer_and_reward(tmp_path):
+    pytest.importorskip("transformers")
+    from helpers import save_tiny_hf_policy, write_math_jsonl
+
+    from shared.rl.testbed import load_testbed
+    from shared.rl.trainer import RLConfig, train_rl
+
+    bed = load_testbed(str(save_tiny_hf_policy(tmp_path / "tiny-qwen2")), str(write_math_jsonl(tmp_path / "train.jsonl", n=6)),
+                       device="cpu", dtype="float32", gradient_checkpointing=True)  # the paper preset's memory settings
+    model = bed.make_policy()
+    config = RLConfig(prompts_per_step=2, group_size=3, steps=2, max_new_tokens=6, eval_every=10, eval_problems=2, eval_k=2)
+    aepo = AEPO(model, AEPOConfig(target_entropy=0.0, max_samples=2, prompt_fraction=1.0), group_size=3, max_new_tokens=6,
+                tokenizer=bed.tokenizer, source=bed.source, micro_batch_size=1, rollout_batch_size=4)
+    rewards_seen = []
+    original = aepo.source.reward  # watch every reward the run asks for
+    aepo.source.reward = lambda p, r: rewards_seen.append((p, r)) or original(p, r)
+    run = train_rl(model, config, aepo.hooks(), on_rollout=aepo.on_rollout, show_progress=False,
+                   **(bed.train_kwargs | {"source": aepo.source}))
+    assert run.history["aepo_temperature"].eq(0.8).all()  # a random model's entropy is far above a target of 0
+    # per step 6 rewards of the trainer and 6 tempered ones (both prompts, prompt_fraction 1), plus 2 evaluations x 2 x 2
+    scored = [p for p, _ in rewards_seen]
+    assert len(scored) == 2 * (6 + 6) + 2 * 4 and all(p in bed.source.problems for p in scored)
+    assert torch.isfinite(torch.tensor(run.history["loss"].to_numpy())).all()
+    # a random model rarely answers right, so reinforce some of its samples by hand: the term back-propagates in chunks
+    from shared.lm.rollout import generate
+
+    _, pt, pm = bed.sample_prompts(np.random.default_rng(0), 3)
+    aepo.pending = generate(model, pt, pm, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
+    aepo.batch_size = 6
+    model.zero_grad(set_to_none=True)
+    aepo.extra_loss(TokenBatch(*(torch.zeros(1, 1, requires_grad=True) if i == 0 else None for i in range(8)), None)).backward()
+    assert aepo.last_loss == pytest.approx(-3 / 6) and all(torch.isfinite(q.grad).all() for q in model.parameters() if q.grad is not None)
+    assert any(q.grad is not None and q.grad.abs().sum() > 0 for q in model.parameters())
+    with pytest.raises(RuntimeError, match="aepo.source"):  # the testbed's own source records nothing
+        fresh = AEPO(model, AEPOConfig(), group_size=3, max_new_tokens=6, tokenizer=bed.tokenizer, source=bed.source)
+        train_rl(model, config, fresh.hooks(), on_rollout=fresh.on_rollout, show_progress=False, **bed.train_kwargs)
+
+
+def test_micro_batched_reinforce_term_has_the_whole_terms_gradient():
+    from shared.lm.pretrain import load_base_model
+    from shared.lm.rollout import generate
+    from shared.sampling import SamplerConfig
+
+    model = load_base_model()
+    tok = CharTokenizer()
+    problems = [sample_problem("addition", np.random.default_rng(i), 3) for i in range(5)]
+    pt, pm = tok.pad_left([tok.encode(p.prompt, bos=True) for p in problems])
+    pending = generate(model, pt, pm, max_new_tokens=20, sampler=SamplerConfig(temperature=1.2), generator=torch.Generator().manual_seed(1))
+    dummy = TokenBatch(*(torch.zeros(1, 1, requires_grad=True) if i == 0 else None for i in range(8)), None)
+    grads = []
+    for micro in (None, 2):
+        model.zero_grad(set_to_none=True)
+        aepo = AEPO(model, group_size=4, micro_batch_size=micro)
+        aepo.pending, aepo.batch_size = pending, 16
+        aepo.extra_loss(dummy).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        assert aepo.pending is None and aepo.last_loss == pytest.approx(-5 / 16)  # ratio 1: -(1/|B|) per sample
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shared.rl.entropy_regularization import (
-    SIREN, SIRENConfig, anchored_penalty, peak_mask, selective_entropy, top_p_entropy,
+    SIREN, SIRENConfig, anchored_penalty, peak_mask, selective_entropy, selective_entropy_rows, top_p_entropy,
 )
 from shared.rl.grpo import GRPOConfig, TokenBatch, grpo_loss
 
@@ -61,6 +61,14 @@ def test_selective_entropy_is_seq_mean_token_mean_with_empty_rows_counted_as_zer
     h = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0], [4.0, 0.0, 0.0]])
     keep = torch.tensor([[True, False, True], [False, False, False], [True, False, False]])
     assert torch.isclose(selective_entropy(h, keep), torch.tensor((2.0 + 0.0 + 4.0) / 3))
+
+
+def test_selective_entropy_rows_averaged_over_chunks_equals_the_whole_batch():
+    h = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0], [4.0, 0.0, 0.0]])
+    keep = torch.tensor([[True, False, True], [False, False, False], [True, False, False]])
+    assert torch.equal(selective_entropy_rows(h, keep), torch.tensor([2.0, 0.0, 4.0]))
+    chunks = torch.cat([selective_entropy_rows(h[:2], keep[:2]), selective_entropy_rows(h[2:, :1], keep[2:, :1])])
+    assert torch.equal(chunks.mean(), selective_entropy(h, keep))
 
 
 def test_anchored_penalty_is_zero_at_the_anchor_and_its_gradient_points_back():

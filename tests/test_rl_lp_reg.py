@@ -114,3 +114,5 @@ def test_teacher_forced_bands_partition_probability():
     assert wide["spark"] + wide["noise"] == pytest.approx(1.0, abs=1e-5) and wide["contested"] == 0.0
     default = teacher_forced_bands(model, rollout)
     assert 0.0 <= default["noise"] <= wide["noise"] and default["entropy"] > 0  # kappa 0.02 < 0.3: less noise
+    by_row = teacher_forced_bands(model, rollout, rows=1)  # the paper profile's memory bound: one response at a time
+    assert by_row == pytest.approx(default, rel=1e-5, abs=1e-7)

@@ -249,8 +249,8 @@ def load_hf_model(name: str, tokenizer: HFTokenizerAdapter, dtype: torch.dtype |
     kwargs["dtype" if _version_at_least(transformers.__version__, (4, 56)) else "torch_dtype"] = dtype
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     model.to(device)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if gradient_checkpointing:  # transformers >= 5.x renamed it; older versions only have the gradient_ name
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     return HFPolicy(model, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
 
 

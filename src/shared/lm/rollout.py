@@ -12,6 +12,7 @@ benchmark in ``benchmarks/`` compares against; both give identical samples for t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,10 @@ class Rollout:
     @property
     def lengths(self) -> Tensor:
         return self.mask.sum(-1)
+
+    def select(self, rows: Tensor | slice) -> Rollout:
+        """The rollout restricted to some of its rows (a mini-batch, a micro-batch, the kept samples)."""
+        return Rollout(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
 
 
 def never_sample_specials(logits: Tensor, ids: tuple[int, ...] = (PAD, BOS)) -> Tensor:
@@ -94,10 +99,26 @@ def _sample(model: TinyTransformer, prompt_tokens: Tensor, prompt_mask: Tensor, 
     return Rollout(prompt_tokens, prompt_mask, tokens, mask, logprobs, entropies)
 
 
+def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
+    """The rows of several rollouts of the same prompt width and ``max_new_tokens``, in order."""
+    return Rollout(*(torch.cat([getattr(r, f) for r in parts], 0)
+                     for f in ("prompt_tokens", "prompt_mask", "tokens", "mask", "logprobs", "entropies")))
+
+
 def generate(model: TinyTransformer, prompt_tokens: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
-             sampler: SamplerConfig = SamplerConfig(), generator: torch.Generator | None = None) -> Rollout:
-    """Sample up to ``max_new_tokens`` response tokens per prompt with a KV cache."""
-    return _sample(model, prompt_tokens, prompt_mask, max_new_tokens, sampler, generator, use_cache=True)
+             sampler: SamplerConfig = SamplerConfig(), generator: torch.Generator | None = None,
+             batch_size: int | None = None) -> Rollout:
+    """Sample up to ``max_new_tokens`` response tokens per prompt with a KV cache.
+
+    ``batch_size`` bounds the rows sampled at once (the KV cache grows with rows × length: a 7B model
+    sampling 8k tokens needs about 0.5 GB per row); ``None`` samples the whole batch together.
+    Chunks draw from ``generator`` one after the other, so the samples depend on ``batch_size``.
+    """
+    if batch_size is None or batch_size >= len(prompt_tokens):
+        return _sample(model, prompt_tokens, prompt_mask, max_new_tokens, sampler, generator, use_cache=True)
+    parts = [_sample(model, prompt_tokens[i : i + batch_size], prompt_mask[i : i + batch_size], max_new_tokens, sampler,
+                     generator, use_cache=True) for i in range(0, len(prompt_tokens), batch_size)]
+    return concat_rollouts(parts)
 
 
 def generate_naive(model: TinyTransformer, prompt_tokens: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,

@@ -35,20 +35,25 @@ tokens (one step older, starting from 0, so its first step samples hot).
 
 In the library: :class:`AEPO` holds the tempered rollout; its :meth:`AEPO.on_rollout` (passed to
 :func:`shared.rl.trainer.train_rl`) draws it, and :meth:`AEPO.hooks` returns ``GRPOHooks(extra_loss=...)``.
+It runs on the tiny LM (prompts rebuilt from their text, the char tokenizer) or, given the run's
+``source`` and ``tokenizer``, on any policy of the same interface (a Hugging Face
+:class:`~shared.lm.hf_policy.HFPolicy` on real math problems): it then scores the tempered samples
+with the source's own reward, on the step's problems as :attr:`AEPO.source` recorded them.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from shared.lm.rollout import Rollout, decode_responses, generate
 from shared.lm.tasks import Problem, verify
 from shared.lm.tokenizer import CharTokenizer
-from shared.models.transformer import TinyTransformer
 from shared.rl.grpo import GRPOHooks, TokenBatch, clipped_surrogate, group_advantages, response_logits
 from shared.sampling import SamplerConfig
 
@@ -124,54 +129,125 @@ def problem_from_prompt(prompt: str) -> Problem:
 # ## The method as GRPO hooks
 
 
+class RecordingSource:
+    """A problem source that remembers the problems of its last ``sample`` call and otherwise is ``inner``.
+
+    :func:`~shared.rl.trainer.train_rl` samples each step's problems just before its rollout (row ``i``
+    answers problem ``i // group_size``), so in ``on_rollout`` :attr:`last` holds that step's problems.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.last: list[Any] = []
+
+    def sample(self, rng: np.random.Generator, n: int) -> list[Any]:
+        self.last = list(self.inner.sample(rng, n))
+        return self.last
+
+    def prompt(self, problem: Any) -> str:
+        return self.inner.prompt(problem)
+
+    def reward(self, problem: Any, response: str) -> float:
+        return self.inner.reward(problem, response)
+
+    def __repr__(self) -> str:
+        return f"RecordingSource({self.inner!r})"
+
+
 class AEPO:
     """The tempered rollout and its REINFORCE term, for :func:`shared.rl.trainer.train_rl`.
 
     ``train_rl(model, rl_config, aepo.hooks(), on_rollout=aepo.on_rollout)``: ``on_rollout`` sees the
     step's $T=1$ rollout, picks $T$ by its entropy, samples the same prompts at $T$ and keeps the
     correct samples of mixed groups (on the first ``prompt_fraction`` of the prompts); ``hooks().extra_loss`` adds their REINFORCE loss to GRPO's.
+
+    Without ``source`` the policy is the tiny LM: prompts are decoded with the char tokenizer and
+    rebuilt as problems (:func:`problem_from_prompt`). With the run's ``source`` and ``tokenizer`` (a
+    :class:`~shared.rl.testbed.Testbed`'s), pass :attr:`source` to ``train_rl`` in place of the
+    testbed's: it records each step's problems, and the tempered samples get ``source.reward``.
+    Tensors live on the rollout's device (the sampling generator too).
+
+    ``micro_batch_size`` (the run's GRPO micro-batch) bounds the memory of the REINFORCE term: its
+    samples are then back-propagated in chunks of that many rows inside ``extra_loss`` (gradients
+    accumulate exactly; the returned term is 0, so the step's reported ``loss`` leaves it out, see
+    :attr:`last_loss`). ``None`` adds the whole term to the first micro-batch's loss (the only one
+    when GRPO does not split the batch). ``rollout_batch_size`` (the run's) bounds the rows of the
+    tempered rollout sampled at once, as :func:`~shared.lm.rollout.generate`'s ``batch_size``.
     """
 
-    def __init__(self, model: TinyTransformer, config: AEPOConfig = AEPOConfig(), *, group_size: int,
-                 max_new_tokens: int = 40, seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, config: AEPOConfig = AEPOConfig(), *, group_size: int,
+                 max_new_tokens: int = 40, seed: int = 0, tokenizer: Any = None, source: Any = None,
+                 micro_batch_size: int | None = None, rollout_batch_size: int | None = None) -> None:
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size={micro_batch_size}: must be >= 1 or None")
         self.model, self.config, self.group_size, self.max_new_tokens = model, config, group_size, max_new_tokens
-        self.tokenizer = CharTokenizer()
-        self.generator = torch.Generator().manual_seed(seed + 7919)
+        self.tokenizer = tokenizer or CharTokenizer()
+        self.source = RecordingSource(source) if source is not None else None
+        self.micro_batch_size, self.rollout_batch_size = micro_batch_size, rollout_batch_size
+        self.seed = seed
+        self.generator: torch.Generator | None = None  # made on the rollout's device at the first step
         self.pending: Rollout | None = None
         self.batch_size = 0
+        self.last_loss = 0.0
+
+    def _tempered_rewards(self, prompt_tokens: Tensor, texts: list[str]) -> Tensor:
+        """The verifiable rewards of the tempered responses (row ``i`` answers the step's problem ``i // group_size``)."""
+        if self.source is None:  # the tiny LM: rebuild each problem from its prompt text
+            prompts = [self.tokenizer.decode(row) for row in prompt_tokens]
+            return torch.tensor([verify(problem_from_prompt(p), t) for p, t in zip(prompts, texts)])
+        problems = self.source.last
+        if len(problems) * self.group_size < len(texts):
+            raise RuntimeError(f"the source recorded {len(problems)} problems for {len(texts)} tempered rows: pass "
+                               "aepo.source (not the testbed's source) to train_rl")
+        return torch.tensor([float(self.source.reward(problems[i // self.group_size], t)) for i, t in enumerate(texts)])
 
     @torch.no_grad()
     def on_rollout(self, step: int, rollout: Rollout, rewards: Tensor) -> dict[str, float]:
         """Draw the tempered rollout for this step; return what to record (entropy, T, kept, m)."""
         cfg = self.config
+        device = rollout.prompt_tokens.device
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed + 7919)
         entropy = float((rollout.entropies * rollout.mask).sum() / rollout.mask.sum())
         temperature = switch_temperature(entropy, cfg.target_entropy, cfg.t_high, cfg.t_low)
         n_prompts = max(1, int(rollout.tokens.shape[0] // self.group_size * cfg.prompt_fraction))
         rows = n_prompts * self.group_size  # the first prompts' groups (the rollout is grouped prompt by prompt)
         tempered = generate(self.model, rollout.prompt_tokens[:rows], rollout.prompt_mask[:rows], max_new_tokens=self.max_new_tokens,
-                            sampler=SamplerConfig(temperature=temperature), generator=self.generator)
-        prompts = [self.tokenizer.decode(row) for row in rollout.prompt_tokens[:rows]]
+                            sampler=SamplerConfig(temperature=temperature), generator=self.generator, batch_size=self.rollout_batch_size)
         texts = decode_responses(self.tokenizer, tempered)
-        t_rewards = torch.tensor([verify(problem_from_prompt(p), t) for p, t in zip(prompts, texts)])
-        groups = torch.arange(len(prompts)) // self.group_size
+        t_rewards = self._tempered_rewards(rollout.prompt_tokens[:rows], texts)
+        groups = torch.arange(len(texts)) // self.group_size
         keep = select_positive(t_rewards, groups, cfg.adv_threshold).nonzero().squeeze(-1)
         m = reinforce_count(len(keep), cfg.max_samples, entropy <= cfg.target_entropy)
-        idx = keep[:m]
-        self.pending = Rollout(tempered.prompt_tokens[idx], tempered.prompt_mask[idx], tempered.tokens[idx],
-                               tempered.mask[idx], tempered.logprobs[idx], tempered.entropies[idx])
+        idx = keep[:m].to(device)
+        self.pending = tempered.select(idx)
         self.batch_size = rollout.tokens.shape[0]
         return {"aepo_entropy": entropy, "aepo_temperature": temperature, "aepo_kept": float(len(keep)),
                 "aepo_m": float(m), "aepo_tempered_reward": float(t_rewards.float().mean())}
 
+    def _reinforce(self, rows: Rollout) -> Tensor:
+        """The REINFORCE loss of some kept tempered samples (log-probs at $T=1$, with gradient)."""
+        logits = response_logits(self.model, rows, 1.0)
+        logp = torch.log_softmax(logits, -1).gather(-1, rows.tokens[..., None]).squeeze(-1)
+        return reinforce_loss(logp, rows.mask, self.batch_size, self.config.clip)
+
     def extra_loss(self, batch: TokenBatch) -> Tensor:
-        """The REINFORCE term on this step's kept tempered samples (log-probs at $T=1$, with gradient)."""
+        """The REINFORCE term on this step's kept tempered samples (once per step: the first call after ``on_rollout``)."""
         if self.pending is None or self.pending.tokens.shape[0] == 0:
+            self.pending, self.last_loss = None, 0.0
             return batch.logp.sum() * 0.0
-        logits = response_logits(self.model, self.pending, 1.0)
-        logp = torch.log_softmax(logits, -1).gather(-1, self.pending.tokens[..., None]).squeeze(-1)
-        loss = reinforce_loss(logp, self.pending.mask, self.batch_size, self.config.clip)
-        self.pending = None
-        return loss
+        pending, self.pending = self.pending, None
+        if self.micro_batch_size is None:
+            loss = self._reinforce(pending)
+            self.last_loss = float(loss.detach())
+            return loss
+        total = 0.0  # each chunk's loss is a sum over its samples / |B|: the chunks' gradients add up to the whole term's
+        for idx in torch.split(torch.arange(pending.tokens.shape[0], device=pending.tokens.device), self.micro_batch_size):
+            loss = self._reinforce(pending.select(idx))
+            loss.backward()
+            total += float(loss.detach())
+        self.last_loss = total
+        return batch.logp.sum() * 0.0
 
     def hooks(self) -> GRPOHooks:
         """GRPO with AEPO's REINFORCE term as ``extra_loss`` (everything else is GRPO's)."""

@@ -107,10 +107,10 @@ def clip_cov_select(cov: Tensor, eligible: Tensor, count: int, omega_low: float,
     """
     inside = eligible & (cov > omega_low) & (cov < omega_high)
     idx = torch.nonzero(inside.reshape(-1), as_tuple=True)[0]
-    picked = torch.zeros(cov.numel(), dtype=torch.bool)
+    picked = torch.zeros(cov.numel(), dtype=torch.bool, device=cov.device)
     if len(idx):
-        perm = torch.randperm(len(idx), generator=generator)
-        picked[idx[perm[: min(count, len(idx))]]] = True
+        perm = torch.randperm(len(idx), generator=generator)  # drawn on the generator's device (CPU), then moved
+        picked[idx[perm[: min(count, len(idx))].to(idx.device)]] = True
     return picked.reshape(cov.shape)
 
 
@@ -136,7 +136,7 @@ def kl_cov_select(cov: Tensor, mask: Tensor, ratio: float) -> Tensor:
     valid_idx = torch.nonzero(mask.reshape(-1), as_tuple=True)[0]
     values = cov.reshape(-1)[valid_idx]
     top = torch.topk(values, min(n_selected(ratio, len(valid_idx)), len(valid_idx)), largest=True).indices
-    picked = torch.zeros(cov.numel(), dtype=torch.bool)
+    picked = torch.zeros(cov.numel(), dtype=torch.bool, device=cov.device)
     picked[valid_idx[top]] = True
     return picked.reshape(cov.shape)
 
@@ -168,7 +168,8 @@ def kl_cov_hooks(config: KLCovConfig = KLCovConfig(), log: list | None = None) -
     ``extra_loss`` adds the aggregated penalty on the top-covariance tokens."""
 
     def clip_ranges(batch: TokenBatch) -> tuple[Tensor, Tensor]:
-        return torch.tensor(1.0), torch.tensor(float("inf"))  # clamp(rho, 0, inf) = rho: no clipping
+        device = batch.logp.device
+        return torch.tensor(1.0, device=device), torch.tensor(float("inf"), device=device)  # clamp(rho, 0, inf) = rho: no clipping
 
     def extra_loss(batch: TokenBatch) -> Tensor:
         cov = masked_token_covariance(batch.logp, batch.advantages, batch.mask)

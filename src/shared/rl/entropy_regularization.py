@@ -92,12 +92,18 @@ def peak_mask(values: Tensor, mask: Tensor, quantile: float = 0.8) -> Tensor:
     return (values.detach() > bound) & mask
 
 
-def selective_entropy(entropy: Tensor, keep: Tensor) -> Tensor:
-    r"""$\bar{\mathcal H}_{sel}$ = seq-mean-token-mean of ``entropy`` over ``keep``; rows with nothing kept count as 0."""
+def selective_entropy_rows(entropy: Tensor, keep: Tensor) -> Tensor:
+    r"""Each row's mean of ``entropy`` over ``keep`` (``[B]``), 0 for a row with nothing kept; their mean is
+    :func:`selective_entropy`, so a probe may process rows in chunks and average at the end."""
     k = keep.float()
     n = k.sum(-1)
     per_seq = (entropy * k).sum(-1) / n.clamp(min=1)
-    return torch.where(n > 0, per_seq, torch.zeros_like(per_seq)).mean()
+    return torch.where(n > 0, per_seq, torch.zeros_like(per_seq))
+
+
+def selective_entropy(entropy: Tensor, keep: Tensor) -> Tensor:
+    r"""$\bar{\mathcal H}_{sel}$ = seq-mean-token-mean of ``entropy`` over ``keep``; rows with nothing kept count as 0."""
+    return selective_entropy_rows(entropy, keep).mean()
 
 
 def anchored_penalty(h_sel: Tensor, anchor: Tensor | float, coef: float) -> Tensor:

@@ -153,12 +153,6 @@ def aggregate(values: Tensor, mask: Tensor, mode: str, max_len: int | None = Non
 # ## The update
 
 
-def _select_rows(rollout: Rollout, idx: Tensor) -> Rollout:
-    """The rollout restricted to the batch rows ``idx`` (a mini-batch)."""
-    return Rollout(rollout.prompt_tokens[idx], rollout.prompt_mask[idx], rollout.tokens[idx], rollout.mask[idx],
-                   rollout.logprobs[idx], rollout.entropies[idx])
-
-
 def response_logits(model: TinyTransformer, rollout: Rollout, temperature: float = 1.0) -> Tensor:
     """Logits ``[B, L, V]`` (at temperature T, specials masked) that predicted each response token."""
     full = torch.cat([rollout.prompt_tokens, rollout.tokens], 1)
@@ -259,7 +253,7 @@ def grpo_step(model: TinyTransformer, optimizer: torch.optim.Optimizer, rollout:
             step_stats: dict[str, float] = {}
             entropy_sum, token_count = torch.zeros(()), torch.zeros(())
             for chunk, weight in _micro_batches(idx, valid, config):
-                sub = _select_rows(rollout, chunk)
+                sub = rollout.select(chunk)
                 batch = _token_batch(model, sub, adv[chunk], valid[chunk], shaped[chunk], group_ids[chunk], config, ref_model)
                 loss, loss_stats = grpo_loss(batch, config, hooks)
                 (loss * weight).backward()

@@ -178,17 +178,30 @@ def spark_mass(probs: Tensor, kappa: float = 0.02, tail: float = 0.1) -> Tensor:
 
 
 @torch.no_grad()
-def teacher_forced_bands(model: TinyTransformer, rollout: Rollout, kappa: float = 0.02, tail: float = 0.1) -> dict[str, float]:
+def teacher_forced_bands(model: TinyTransformer, rollout: Rollout, kappa: float = 0.02, tail: float = 0.1,
+                         rows: int | None = None) -> dict[str, float]:
     """Mean spark mass, noise mass, contested mass (runners-up at or above ``tail``: the tokens a sharpening
     policy moves down into the spark band) and entropy (nats) of ``model`` over the valid tokens of a fixed
-    ``rollout`` (teacher-forced: the responses are given, only the model's distributions at their positions change)."""
+    ``rollout`` (teacher-forced: the responses are given, only the model's distributions at their positions change).
+
+    ``model`` is any policy :func:`~shared.rl.grpo.response_logits` accepts (the tiny LM or an
+    :class:`~shared.lm.hf_policy.HFPolicy`), on the rollout's device. ``rows`` bounds memory: the rollout is
+    teacher-forced that many responses at a time (a 150k-token vocabulary makes ``[B, L, V]`` large); ``None``
+    takes all rows in one pass.
+    """
     was_training = model.training
     model.eval()
-    probs = torch.softmax(response_logits(model, rollout), -1)
+    sums = {"spark": 0.0, "noise": 0.0, "contested": 0.0, "entropy": 0.0}
+    for idx in torch.split(torch.arange(rollout.mask.shape[0], device=rollout.mask.device), rows or rollout.mask.shape[0]):
+        part = rollout if rows is None else rollout.select(idx)
+        probs = torch.softmax(response_logits(model, part), -1)
+        m = part.mask.float()
+        contested = (probs * ((probs >= tail) & (probs < probs.amax(-1, keepdim=True)))).sum(-1)
+        bands = {"spark": spark_mass(probs, kappa, tail), "noise": noise_mass(probs, kappa), "contested": contested,
+                 "entropy": entropy_from_probs(probs)}
+        del probs
+        for key, x in bands.items():
+            sums[key] = sums[key] + (x * m).sum()
     model.train(was_training)
-    m = rollout.mask.float()
-    n = m.sum().clamp(min=1)
-    mean = lambda x: float((x * m).sum() / n)  # noqa: E731
-    contested = (probs * ((probs >= tail) & (probs < probs.amax(-1, keepdim=True)))).sum(-1)
-    return {"spark": mean(spark_mass(probs, kappa, tail)), "noise": mean(noise_mass(probs, kappa)),
-            "contested": mean(contested), "entropy": mean(entropy_from_probs(probs))}
+    n = rollout.mask.float().sum().clamp(min=1)
+    return {key: float(total / n) for key, total in sums.items()}

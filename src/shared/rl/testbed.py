@@ -70,7 +70,7 @@ def default_device() -> str:
 
 
 def load_testbed(model: str, data: str, *, difficulties: tuple[int, ...] = (3, 4), eval_data: str | None = None,
-                 max_problems: int | None = None, device: str | None = None, dtype: str = "bfloat16",
+                 max_problems: int | None = None, device: str | None = None, dtype: str = "float32",
                  gradient_checkpointing: bool = False) -> Testbed:
     """The testbed of a chapter's settings.
 
@@ -119,7 +119,10 @@ class RLSettings:
 
     The quick presets use the tiny LM, its tasks and the RLConfig defaults (40 new tokens, 64 held-out
     problems, pass@8); the paper presets name the paper's model, data, batch and learning rate. The
-    last four fields matter only for a Hugging Face model on a GPU.
+    last five fields matter only for a Hugging Face model on a GPU. Full fine-tuning with Adam in
+    float32 takes 16 bytes per parameter (weights, gradients, two moments) before activations: a
+    1.5B model fits one 80 GB GPU, a 7B model (~112 GB) a 141 GB one at best; the papers' 7B runs
+    use 8+ GPUs with sharding (verl/FSDP), which this single-device loop does not do.
     """
 
     model: str = setting(doc="'tiny-lm', or a Hugging Face causal LM (hub name or local folder)")
@@ -135,7 +138,9 @@ class RLSettings:
     eval_problems: int = setting(64, low=1, high=100_000, doc="held-out problems per evaluation")
     eval_k: int = setting(8, low=1, high=1024, doc="samples per held-out problem (pass@k)")
     micro_batch_size: int = setting(0, low=0, high=4096, doc="rows per forward/backward (gradient accumulation); 0 = the whole batch")
-    dtype: str = setting("bfloat16", choices=("bfloat16", "float16", "float32"), doc="weights of a Hugging Face model")
+    rollout_batch_size: int = setting(0, low=0, high=100_000, doc="rows sampled at once (bounds the KV cache); 0 = the whole batch")
+    dtype: str = setting("float32", choices=("float32", "bfloat16", "float16"),
+                         doc="weights of a Hugging Face model; Adam steps of ~1e-6 vanish in bfloat16 weights")
     gradient_checkpointing: bool = setting(False, choices=(False, True), doc="recompute activations in the backward pass (HF model)")
 
 
@@ -151,5 +156,6 @@ def rl_config(settings: RLSettings, grpo: GRPOConfig | None = None, **overrides:
     grpo = dataclasses.replace(grpo or GRPOConfig(), micro_batch_size=settings.micro_batch_size or None)
     fields = dict(task=settings.data, difficulties=tuple(settings.difficulties), prompts_per_step=settings.prompts_per_step,
                   group_size=settings.group_size, steps=settings.steps, lr=settings.lr, max_new_tokens=settings.max_new_tokens,
-                  eval_every=settings.eval_every, eval_problems=settings.eval_problems, eval_k=settings.eval_k, grpo=grpo)
+                  eval_every=settings.eval_every, eval_problems=settings.eval_problems, eval_k=settings.eval_k, grpo=grpo,
+                  rollout_batch_size=settings.rollout_batch_size or None)
     return RLConfig(**(fields | overrides))

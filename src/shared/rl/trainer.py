@@ -53,6 +53,7 @@ class RLConfig:
     seed: int = 0
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     use_reference: bool = False  # keep a frozen copy of the base model for the KL term
+    rollout_batch_size: int | None = None  # rows sampled at once (bounds the KV cache); None = the whole batch
 
 
 @dataclass
@@ -115,14 +116,14 @@ class MathSource:
 
 @torch.no_grad()
 def evaluate(model: TinyTransformer, problems: list[Any], k: int, temperature: float, max_new_tokens: int, seed: int,
-             *, source: ProblemSource | None = None, tokenizer: Any = None) -> dict[str, float]:
+             *, source: ProblemSource | None = None, tokenizer: Any = None, batch_size: int | None = None) -> dict[str, float]:
     """pass@1 and pass@k (``k`` samples per problem at ``temperature``) and the mean response entropy."""
     source = source or TaskSource()
     tok = tokenizer or CharTokenizer()
     device = next(model.parameters()).device
     pt, pm = tok.pad_left([tok.encode(source.prompt(p), bos=True) for p in problems for _ in range(k)])
     rollout = generate(model, pt.to(device), pm.to(device), max_new_tokens=max_new_tokens, sampler=SamplerConfig(temperature=temperature),
-                       generator=torch.Generator(device=device).manual_seed(seed))
+                       generator=torch.Generator(device=device).manual_seed(seed), batch_size=batch_size)
     texts = decode_responses(tok, rollout)
     correct = np.array([source.reward(problems[i // k], t) for i, t in enumerate(texts)]).reshape(len(problems), k)
     entropy = float((rollout.entropies * rollout.mask).sum() / rollout.mask.sum())
@@ -153,7 +154,7 @@ def train_rl(model: TinyTransformer, config: RLConfig, hooks: GRPOHooks = GRPOHo
     gen = torch.Generator(device=device).manual_seed(config.seed)
     groups = torch.arange(config.prompts_per_step, device=device).repeat_interleave(config.group_size)
     history, evals = [], []
-    ev = dict(source=eval_from, tokenizer=tok)
+    ev = dict(source=eval_from, tokenizer=tok, batch_size=config.rollout_batch_size)
     steps = progress(range(config.steps), desc=desc) if show_progress else range(config.steps)
     for step in steps:
         if step % config.eval_every == 0:
@@ -161,7 +162,7 @@ def train_rl(model: TinyTransformer, config: RLConfig, hooks: GRPOHooks = GRPOHo
         problems = source.sample(rng, config.prompts_per_step)
         pt, pm = tok.pad_left([tok.encode(source.prompt(p), bos=True) for p in problems for _ in range(config.group_size)])
         rollout = generate(model, pt.to(device), pm.to(device), max_new_tokens=config.max_new_tokens,
-                           sampler=SamplerConfig(temperature=config.temperature), generator=gen)
+                           sampler=SamplerConfig(temperature=config.temperature), generator=gen, batch_size=config.rollout_batch_size)
         rewards = torch.tensor([source.reward(problems[i // config.group_size], t) for i, t in enumerate(decode_responses(tok, rollout))], device=device)
         extra = on_rollout(step, rollout, rewards) if on_rollout is not None else {}
         adv = group_advantages(rewards, groups, config.grpo.std_normalize)
@@ -178,7 +179,10 @@ def _cache_path(config: RLConfig, model: TinyTransformer, tag: str, source: Task
     for name, tensor in model.state_dict().items():
         weights.update(name.encode())
         weights.update(tensor.detach().cpu().numpy().tobytes())
-    parts = [dataclasses.asdict(config), tag, weights.hexdigest()]
+    fields = dataclasses.asdict(config)
+    if fields["rollout_batch_size"] is None:  # added later: the default keeps the historical key
+        del fields["rollout_batch_size"]
+    parts = [fields, tag, weights.hexdigest()]
     if source != TaskSource(config.task, config.difficulties):  # the default source keeps the historical key
         parts.append(repr(source))
     key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -204,6 +208,9 @@ def cached_train_rl(model: TinyTransformer, config: RLConfig, hooks: GRPOHooks =
     if path.exists():
         blob = torch.load(path, weights_only=False)
         model.load_state_dict(blob["state_dict"])
+        if show_progress:  # the same bar as a training run, so a notebook's output does not depend on the cache's state
+            for _ in progress(range(config.steps), desc=desc):
+                pass
         return RLRun(model, blob["history"], blob["evals"])
     run = train_rl(model, config, hooks, desc=desc, show_progress=show_progress, source=source, tokenizer=tokenizer)
     path.parent.mkdir(parents=True, exist_ok=True)
