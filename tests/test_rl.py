@@ -194,3 +194,19 @@ def test_chunked_rollouts_keep_shapes_and_the_whole_batch_default():
     first = generate(model, rollout.prompt_tokens[:3], rollout.prompt_mask[:3], max_new_tokens=6, generator=torch.Generator().manual_seed(0))
     assert torch.equal(chunked.tokens[:3], first.tokens)  # the first chunk draws first
     assert ((chunked.logprobs != 0) == chunked.mask).all()
+
+
+def test_dual_clip_caps_the_loss_of_negative_advantage_tokens():
+    from shared.rl.grpo import clipped_surrogate
+
+    old = torch.zeros(4)
+    logp = torch.log(torch.tensor([0.5, 2.0, 5.0, 5.0])).requires_grad_()  # ratios 0.5, 2, 5, 5
+    adv = torch.tensor([-1.0, -1.0, -1.0, 1.0])
+    plain = clipped_surrogate(logp, old, adv, 0.2, 0.2)
+    torch.testing.assert_close(plain, torch.tensor([0.8, 2.0, 5.0, -1.2]))  # A<0: max(-A rho, -A clip(rho)); A>0: clipped at 1.2
+    dual = clipped_surrogate(logp, old, adv, 0.2, 0.2, dual_clip=3.0)
+    torch.testing.assert_close(dual, torch.tensor([0.8, 2.0, 3.0, -1.2]))  # only the ratio-5 negative token is capped at c|A| = 3
+    dual.sum().backward()
+    assert logp.grad[2] == 0 and logp.grad[1] != 0
+    with pytest.raises(ValueError, match="dual_clip"):
+        GRPOConfig(dual_clip=1.0)

@@ -42,6 +42,7 @@ class GRPOConfig:
 
     clip_low: float = 0.2  # PPO/GRPO epsilon; DAPO keeps 0.2 for the lower side
     clip_high: float = 0.2  # DAPO clip-higher: 0.28
+    dual_clip: float | None = None  # dual-clip PPO (Ye et al., 2020): cap a negative-advantage token's loss at c|A| (verl: clip_ratio_c = 3)
     aggregation: str = "seq-mean-token-mean"  # GRPO; DAPO: "token-mean"; Dr. GRPO: "seq-mean-token-sum-norm"
     std_normalize: bool = True  # GRPO divides by the group std; Dr. GRPO does not
     kl_coef: float = 0.0  # DeepSeekMath GRPO: 0.04 (k3 estimator); DAPO: 0 (no reference model)
@@ -59,8 +60,10 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation={self.aggregation!r} is not allowed: use one of {', '.join(AGGREGATIONS)}")
-        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
-            raise ValueError(f"clip range ({self.clip_low}, {self.clip_high}) is not allowed: 0 <= clip_low < 1, clip_high >= 0")
+        if not (0 <= self.clip_low <= 1 and self.clip_high >= 0):
+            raise ValueError(f"clip range ({self.clip_low}, {self.clip_high}) is not allowed: 0 <= clip_low <= 1, clip_high >= 0")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"dual_clip={self.dual_clip} is not allowed: it must be > 1 (or None)")
         if self.ppo_epochs < 1 or self.minibatches < 1:
             raise ValueError(f"ppo_epochs={self.ppo_epochs}, minibatches={self.minibatches}: both must be >= 1")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
@@ -125,11 +128,19 @@ def overlong_penalty(lengths: Tensor, max_len: int, buffer: int) -> Tensor:
     return torch.where(lengths > max_len, torch.full_like(pen, -1.0), pen.clamp(min=-1.0))
 
 
-def clipped_surrogate(logp: Tensor, old_logp: Tensor, adv: Tensor, clip_low: Tensor | float, clip_high: Tensor | float) -> Tensor:
-    r"""Per-token $-\min(\rho A, \mathrm{clip}(\rho, 1-\varepsilon_l, 1+\varepsilon_h) A)$ with $\rho = e^{\log\pi - \log\pi_\text{old}}$."""
+def clipped_surrogate(logp: Tensor, old_logp: Tensor, adv: Tensor, clip_low: Tensor | float, clip_high: Tensor | float,
+                      dual_clip: float | None = None) -> Tensor:
+    r"""Per-token $-\min(\rho A, \mathrm{clip}(\rho, 1-\varepsilon_l, 1+\varepsilon_h) A)$ with $\rho = e^{\log\pi - \log\pi_\text{old}}$.
+
+    With ``dual_clip`` $= c > 1$, a token with $A < 0$ loses at most $c|A|$ (dual-clip PPO): a very large
+    ratio on a negative-advantage token no longer gives an unbounded loss (and its gradient is zero there).
+    """
     ratio = torch.exp(logp - old_logp)
     clipped = torch.clamp(ratio, 1 - torch.as_tensor(clip_low), 1 + torch.as_tensor(clip_high))
-    return torch.maximum(-adv * ratio, -adv * clipped)
+    loss = torch.maximum(-adv * ratio, -adv * clipped)
+    if dual_clip is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
+    return loss
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
@@ -166,7 +177,7 @@ def grpo_loss(batch: TokenBatch, config: GRPOConfig, hooks: GRPOHooks = GRPOHook
     """The GRPO/DAPO loss of one batch, with the hooks applied; returns the loss and diagnostics."""
     adv = batch.advantages if hooks.transform_advantages is None else hooks.transform_advantages(batch.advantages, batch)
     low, high = (config.clip_low, config.clip_high) if hooks.clip_ranges is None else hooks.clip_ranges(batch)
-    per_token = clipped_surrogate(batch.logp, batch.old_logp, adv, low, high)
+    per_token = clipped_surrogate(batch.logp, batch.old_logp, adv, low, high, config.dual_clip)
     if hooks.token_weights is not None:
         per_token = per_token * hooks.token_weights(batch)
     if config.kl_coef and batch.ref_logp is not None:

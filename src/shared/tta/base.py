@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -114,6 +115,15 @@ class TTAMethod(nn.Module):
         self.optimizer = optimizer(self.params) if (optimizer is not None and self.params) else None
         self._source_state = copy.deepcopy(self.model.state_dict())
         self._optimizer_state = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None
+
+    def init_from_config(self, model: nn.Module, config: Any, optimizer: OptimizerFactory | None = None, **kw: Any) -> None:
+        """``__init__`` of an adapter with a config dataclass: keep ``config`` (set first, so that
+        ``configure``/``collect`` can read it), and build from ``optimizer`` (default: the config's
+        ``make_optimizer()``) and the config's ``steps`` and ``episodic`` unless ``kw`` overrides them."""
+        self.config = config
+        kw.setdefault("steps", config.steps)
+        kw.setdefault("episodic", config.episodic)
+        TTAMethod.__init__(self, model, optimizer if optimizer is not None else config.make_optimizer(), **kw)
 
     # -- what adapts ---------------------------------------------------------------------------
     def configure(self) -> None:

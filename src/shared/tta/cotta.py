@@ -83,10 +83,7 @@ class CoTTA(TTAMethod):
     name = "cotta"
 
     def __init__(self, model: nn.Module, config: CoTTAConfig = CoTTAConfig(), **kw) -> None:
-        self.config = config
-        kw.setdefault("steps", config.steps)
-        kw.setdefault("episodic", config.episodic)
-        super().__init__(model, config.make_optimizer(), **kw)
+        self.init_from_config(model, config, **kw)
         self.teacher = frozen_copy(self.model)  # f_θ', starts at the source weights
         self.anchor = frozen_copy(self.model)  # f_θ0, never changes
         self.generator = torch.Generator().manual_seed(config.seed)

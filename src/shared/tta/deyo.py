@@ -206,10 +206,7 @@ class DeYO(TTAMethod):
     name = "deyo"
 
     def __init__(self, model: nn.Module, config: DeYOConfig = DeYOConfig(), *, skip: Sequence[str] = (), **kw) -> None:
-        self.config = config
-        kw.setdefault("steps", config.steps)
-        kw.setdefault("episodic", config.episodic)
-        super().__init__(model, sgd(config.lr * config.lr_mul, momentum=config.momentum), skip=skip, **kw)
+        self.init_from_config(model, config, sgd(config.lr * config.lr_mul, momentum=config.momentum), skip=skip, **kw)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.last: Selection | None = None
 

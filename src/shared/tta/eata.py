@@ -203,10 +203,7 @@ class ETA(TTAMethod):
     name = "eta"
 
     def __init__(self, model: nn.Module, config: EATAConfig = EATAConfig(), **kw) -> None:
-        self.config = config
-        kw.setdefault("steps", config.steps)
-        kw.setdefault("episodic", config.episodic)
-        super().__init__(model, config.make_optimizer(), **kw)
+        self.init_from_config(model, config, **kw)
         self.moving_probs: Tensor | None = None
         self.n_seen = self.n_reliable = self.n_backward = self.n_updates = 0
         self.last_mask: Tensor | None = None

@@ -214,10 +214,7 @@ class RMT(TTAMethod):
 
     def __init__(self, model: nn.Module, config: RMTConfig = RMTConfig(), *, source: tuple[Tensor, Tensor] | None = None,
                  split: Split = split_model, **kw) -> None:
-        self.config = config
-        kw.setdefault("steps", config.steps)
-        kw.setdefault("episodic", config.episodic)
-        super().__init__(model, config.make_optimizer(), **kw)
+        self.init_from_config(model, config, **kw)
         needs_source = config.lambda_src > 0 or config.lambda_cont > 0 or config.warmup_steps > 0
         if needs_source and source is None:
             raise ValueError("RMT needs source=(x, y) for its prototypes, replay or warm-up "

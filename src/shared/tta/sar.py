@@ -114,10 +114,7 @@ class SAR(TTAMethod):
     name = "sar"
 
     def __init__(self, model: nn.Module, config: SARConfig = SARConfig(), **kw) -> None:
-        self.config = config
-        kw.setdefault("steps", config.steps)
-        kw.setdefault("episodic", config.episodic)
-        super().__init__(model, config.make_optimizer(), **kw)
+        self.init_from_config(model, config, **kw)
         self.ema: float | None = None
         self.n_resets = 0
         self.reset_batches: list[int] = []

@@ -37,10 +37,7 @@ class Tent(TTAMethod):
     name = "tent"
 
     def __init__(self, model: nn.Module, config: TentConfig = TentConfig(), **kw) -> None:
-        self.config = config
-        kw.setdefault("steps", config.steps)
-        kw.setdefault("episodic", config.episodic)
-        super().__init__(model, config.make_optimizer(), **kw)
+        self.init_from_config(model, config, **kw)
 
     def loss(self, logits: Tensor, x: Tensor) -> Tensor:
         return entropy_from_logits(logits, reduction="mean")
