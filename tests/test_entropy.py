@@ -420,3 +420,13 @@ def test_bad_orders_and_shapes() -> None:
         normalized_entropy(torch.randn(4, 1))
     with pytest.raises(ValueError, match="out of range"):
         entropy_from_logits(torch.randn(4), dim=1)
+
+
+def test_top_p_entropy_is_the_entropy_of_the_renormalised_nucleus():
+    from shared.entropy import top_p_entropy
+
+    probs = torch.tensor([[0.5, 0.25, 0.15, 0.1]])  # cumulative 0.5, 0.75, 0.9: at p = 0.8 the nucleus is {0.5, 0.25}
+    nucleus = torch.tensor([2 / 3, 1 / 3])
+    expected = -(nucleus * nucleus.log()).sum()
+    assert torch.isclose(top_p_entropy(probs.log(), p=0.8)[0], expected, atol=1e-6)
+    assert top_p_entropy(probs.log(), p=0.4)[0] == 0  # an empty nucleus (the top token alone crosses p)

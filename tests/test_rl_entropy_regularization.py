@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from shared.rl.entropy_regularization import (
-    SIREN, SIRENConfig, anchored_penalty, peak_mask, selective_entropy, selective_entropy_rows, top_p_entropy,
+    SIREN, SIRENConfig, anchored_penalty, peak_mask, selective_entropy, selective_entropy_rows,
 )
+from shared.entropy import top_p_entropy
 from shared.rl.grpo import GRPOConfig, TokenBatch, grpo_loss
 
 

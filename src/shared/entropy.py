@@ -13,7 +13,7 @@ distribution $p$ on $C$ classes (or vocabulary entries):
 * Shannon entropy $H(p) = -\sum_c p_c \log p_c$,
 * cross-entropy $H(p, q) = -\sum_c p_c \log q_c = H(p) + D_{KL}(p \| q)$,
 * Kullback-Leibler divergence $D_{KL}(p \| q) = \sum_c p_c \log (p_c / q_c)$,
-* Jensen-Shannon divergence, Rényi and Tsallis entropies, and
+* Jensen-Shannon divergence, Rényi and Tsallis entropies, the entropy of the top-$p$ nucleus, and
 * the mutual information between a prediction and the model (BALD) for an ensemble.
 
 **Conventions used everywhere in this module.**
@@ -44,6 +44,7 @@ __all__ = [
     "entropy_from_logits",
     "entropy_from_probs",
     "token_entropy",
+    "top_p_entropy",
     "masked_mean",
     "cross_entropy_from_logits",
     "cross_entropy",
@@ -209,6 +210,26 @@ def token_entropy(logits: Tensor, mask: Tensor | None = None, temperature: float
     if isinstance(logits, Tensor) and logits.ndim != 3:
         raise ValueError(f"logits must have shape [B, T, V], got {tuple(logits.shape)}")
     return entropy_from_logits(logits, dim=-1, temperature=temperature, mask=mask, reduction="none")
+
+
+def top_p_entropy(logits: Tensor, p: float = 0.8, k: int = 10_000) -> Tensor:
+    r"""$\mathcal H^p_t$ of the renormalised nucleus $N_t$ = the top-$k$ tokens whose cumulative
+    probability is still $< p$ (the crossing token excluded, as SIREN's official ``efficient_top_p_sampling``:
+    the entropy SIREN regularises, :mod:`shared.rl.entropy_regularization`).
+
+    ``logits`` ``[..., V]`` (``-inf`` allowed); returns ``[...]``, 0 where the nucleus is empty or a single token.
+    Differentiable through the renormalised distribution; the nucleus itself carries no gradient.
+    """
+    with torch.no_grad():
+        probs = torch.softmax(logits.float(), -1)
+        top, idx = torch.topk(probs, min(k, logits.shape[-1]), dim=-1)
+        cutoff = (top.cumsum(-1) < p).sum(-1, keepdim=True)  # = searchsorted(cumsum, p): first index with cum >= p
+        ranks = torch.arange(top.shape[-1], device=logits.device)
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, idx, ranks < cutoff)
+        nonempty = keep.any(-1)
+    safe = torch.where(keep, logits, torch.full_like(logits, float("-inf")))
+    safe = torch.where(nonempty[..., None], safe, torch.zeros_like(logits))  # no NaN gradient on empty nuclei
+    return torch.where(nonempty, entropy_from_logits(safe), torch.zeros_like(nonempty, dtype=logits.dtype))
 
 
 def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from shared.entropy import entropy_from_logits
+from shared.entropy import top_p_entropy  # the statistic SIREN regularises (re-exported here)
 from shared.rl.grpo import GRPOHooks, TokenBatch
 
 
@@ -62,25 +62,6 @@ class SIRENConfig:
 
 
 # ## Pure pieces
-
-
-def top_p_entropy(logits: Tensor, p: float = 0.8, k: int = 10_000) -> Tensor:
-    r"""$\mathcal H^p_t$ of the renormalised nucleus $N_t$ = the top-$k$ tokens whose cumulative
-    probability is still $< p$ (the crossing token excluded, as in the official ``efficient_top_p_sampling``).
-
-    ``logits`` ``[..., V]`` (``-inf`` allowed); returns ``[...]``, 0 where the nucleus is empty or a single token.
-    Differentiable through the renormalised distribution; the nucleus itself carries no gradient.
-    """
-    with torch.no_grad():
-        probs = torch.softmax(logits.float(), -1)
-        top, idx = torch.topk(probs, min(k, logits.shape[-1]), dim=-1)
-        cutoff = (top.cumsum(-1) < p).sum(-1, keepdim=True)  # = searchsorted(cumsum, p): first index with cum >= p
-        ranks = torch.arange(top.shape[-1], device=logits.device)
-        keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, idx, ranks < cutoff)
-        nonempty = keep.any(-1)
-    safe = torch.where(keep, logits, torch.full_like(logits, float("-inf")))
-    safe = torch.where(nonempty[..., None], safe, torch.zeros_like(logits))  # no NaN gradient on empty nuclei
-    return torch.where(nonempty, entropy_from_logits(safe), torch.zeros_like(nonempty, dtype=logits.dtype))
 
 
 @torch.no_grad()
