@@ -53,3 +53,29 @@ def test_fetch_refuses_a_corrupted_archive(tmp_path, monkeypatch):
 def test_build_source_model_names_the_allowed_models():
     with pytest.raises(ValueError, match="unknown model 'resnet18'"):
         build_source_model("resnet18")
+
+
+def _fake_cifar_test_batch(root, n=50):
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = np.zeros((n, 3 * 32 * 32), dtype=np.uint8)
+    data[:, : 32 * 32] = 255  # the red channel full, the others empty: checks the CHW layout
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": data, b"labels": list(np.arange(n) % 10)}, f)
+
+
+def test_clean_cifar_test_images_and_the_clean_domain_of_a_stream(fake_cifar10c):
+    from shared.data.corruption_benchmarks import load_clean
+
+    with pytest.raises(FileNotFoundError, match="python version of CIFAR"):
+        load_clean("cifar10c", root=fake_cifar10c)
+    _fake_cifar_test_batch(fake_cifar10c)
+    clean = load_clean("cifar10c", root=fake_cifar10c, n=20)
+    assert clean.x.shape == (20, 3, 32, 32) and clean.y.tolist() == [i % 10 for i in range(20)]
+    assert clean.x[:, 0].eq(1).all() and clean.x[:, 1:].eq(0).all()
+    other = load_clean("cifar10c", root=fake_cifar10c, n=20, subset_seed=1)  # another fixed subset (e.g. Fisher samples)
+    assert not torch.equal(other.y, clean.y) and len(other.y) == 20
+    stream = build_stream("cifar10c", [("gaussian_noise", 5), ("clean", 0)], batch_size=16, n_per_domain=32, root=fake_cifar10c)
+    assert [(b.domain, b.severity) for b in stream] == [("gaussian_noise", 5)] * 2 + [("clean", 0)] * 2

@@ -8,13 +8,18 @@ The real data are **not** downloaded by the book's tests (no machine here can re
 machine, :func:`fetch_benchmark` downloads the archive from Zenodo, checks its MD5 and unpacks it
 under ``root`` (default ``$ENTROPY_BOOK_DATA`` or ``~/data``); the loaders then read the standard
 layouts: ``<root>/CIFAR-10-C/<corruption>.npy`` (50,000 images: 10,000 per severity 1-5, in order)
-plus ``labels.npy``, and ``<root>/ImageNet-C/<corruption>/<severity>/<wnid>/*.JPEG``.
+plus ``labels.npy``, and ``<root>/ImageNet-C/<corruption>/<severity>/<wnid>/*.JPEG``. The clean test
+images (the domain ``("clean", 0)``, e.g. EATA's forgetting blocks and Fisher samples) come from the
+original test sets: ``<root>/cifar-10-batches-py/test_batch`` and ``<root>/cifar-100-python/test``
+(the python versions of CIFAR, https://www.cs.toronto.edu/~kriz/cifar.html) and
+``<root>/ImageNet/val/<wnid>/*.JPEG`` (the validation set in ImageFolder layout).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import tarfile
 import urllib.request
 from collections.abc import Sequence
@@ -142,13 +147,66 @@ def load_imagenet_c(corruption: str, severity: int, root: str | Path | None = No
     return DigitsSplit(torch.stack(xs), torch.tensor(ys))
 
 
+def corruptions_of(dataset: str) -> tuple[str, ...]:
+    """The corruptions of a dataset in their standard order: digits-c's own 10, or the benchmarks' 15."""
+    if dataset == "digits-c":
+        return digits_c.CORRUPTIONS
+    return _benchmark(dataset).corruptions
+
+
+CLEAN_TEST_SETS: dict[str, tuple[str, str]] = {
+    "cifar10c": ("cifar-10-batches-py/test_batch", "labels"),
+    "cifar100c": ("cifar-100-python/test", "fine_labels"),
+}
+"""Where each CIFAR benchmark's clean test images live under the data root, and their label key."""
+
+
+def load_clean(name: str, root: str | Path | None = None, n: int | None = None, subset_seed: int = 0,
+               size: int = 224) -> DigitsSplit:
+    """The clean test images of a benchmark (``"clean"`` domain), in ``[0, 1]``, with their labels.
+
+    CIFAR: the 10,000 images of the python-version test batch, the first ``n`` (``subset_seed=0``) or a
+    random ``n`` drawn with ``subset_seed``. ImageNet: the validation set (resized to 256, center-cropped
+    to ``size``, as the standard evaluation; needs torchvision), a fixed random subset of ``n`` drawn
+    with ``subset_seed``. Another seed gives another subset: e.g. EATA's Fisher samples (seed 1) apart
+    from its clean test blocks (seed 0) when ``n`` is small.
+    """
+    _benchmark(name)
+    if name == "imagenetc":
+        from torchvision import datasets, transforms  # the paper extra; never imported by the quick profile
+
+        folder = data_root(root) / "ImageNet" / "val"
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} not found: put the ImageNet validation set there, one folder per WordNet id")
+        ds = datasets.ImageFolder(str(folder), transform=transforms.Compose(
+            [transforms.Resize(256), transforms.CenterCrop(size), transforms.ToTensor()]))
+        count = len(ds) if n is None else min(n, len(ds))
+        ids = np.random.default_rng(subset_seed).permutation(len(ds))[:count]
+        xs, ys = zip(*(ds[int(i)] for i in ids))
+        return DigitsSplit(torch.stack(xs), torch.tensor(ys))
+    relative, label_key = CLEAN_TEST_SETS[name]
+    path = data_root(root) / relative
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: unpack the python version of CIFAR "
+                                "(https://www.cs.toronto.edu/~kriz/cifar.html) under the data root")
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")  # noqa: S301 (the official CIFAR format is a pickle)
+    images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    labels = np.asarray(batch[label_key.encode()], dtype=np.int64)
+    if n is not None:
+        order = np.random.default_rng(subset_seed).permutation(len(labels))[:n] if subset_seed else np.arange(min(n, len(labels)))
+        images, labels = images[order], labels[order]
+    return DigitsSplit(torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0), torch.from_numpy(labels))
+
+
 def build_stream(dataset: str, domains: Sequence[tuple[str, int]], *, batch_size: int, order: str = "shuffled",
                  rounds: int = 1, seed: int = 0, n_per_domain: int | None = None, root: str | Path | None = None,
                  **digits_kw) -> Stream:
     """A test stream over ``domains`` from ``digits-c`` (quick) or a real benchmark (paper), same shape.
 
     For the real benchmarks ``n_per_domain`` keeps the first ``n`` images of each domain (CoTTA uses all
-    10,000 per CIFAR corruption; Tent's ImageNet-C runs use 5,000).
+    10,000 per CIFAR corruption; Tent's ImageNet-C runs use 5,000); the domain ``("clean", 0)`` is the
+    clean test set (:func:`load_clean`), as in digits-c.
     """
     if dataset == "digits-c":
         return digits_c.make_stream(domains, batch_size=batch_size, order=order, rounds=rounds, seed=seed,
@@ -159,8 +217,12 @@ def build_stream(dataset: str, domains: Sequence[tuple[str, int]], *, batch_size
     stream = Stream(f"{dataset}-stream")
     for _ in range(rounds):
         for corruption, severity in domains:
-            data = load_imagenet_c(corruption, severity, root, n_per_domain) if dataset == "imagenetc" else \
-                load_cifar_c(dataset, corruption, severity, root, n_per_domain)
+            if corruption == "clean":
+                data = load_clean(dataset, root, n_per_domain)
+            elif dataset == "imagenetc":
+                data = load_imagenet_c(corruption, severity, root, n_per_domain)
+            else:
+                data = load_cifar_c(dataset, corruption, severity, root, n_per_domain)
             idx = _order(data.y, order, rng, 0.1, batch_size)
             for start in range(0, len(idx), batch_size):
                 ids = idx[start:start + batch_size]
