@@ -73,6 +73,16 @@ def test_every_notebook_starts_with_a_tagged_parameters_cell():
         assert any(c.get("outputs") for c in code), f"{nb.name}: no stored outputs"
 
 
+def test_the_rendered_page_opens_on_the_prose_not_on_the_plumbing():
+    """The setup cell (pip install) is collapsed whole and the settings cell shows only its output."""
+    for nb in executable_notebooks():
+        cells = [c for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code"]
+        setup = next(c for c in cells if 'find_spec("shared")' in "".join(c["source"]))
+        settings = next(c for c in cells if "start_chapter(" in "".join(c["source"]))
+        assert "hide-cell" in setup["metadata"].get("tags", []), f"{nb.name}: setup cell not tagged 'hide-cell'"
+        assert "hide-input" in settings["metadata"].get("tags", []), f"{nb.name}: settings cell not tagged 'hide-input'"
+
+
 def test_part_overview_collects_every_chapters_benchmark_arm(tmp_path):
     from shared.book.pages import benchmark_rows, overview_figure, overview_page
 
