@@ -89,3 +89,16 @@ def dataclass_frozen(cls):
     import dataclasses
 
     return dataclasses.dataclass(frozen=True)(cls)
+
+
+def test_mini_batch_prompts_set_the_updates_per_rollout():
+    from shared.rl.grpo import GRPOConfig
+    from shared.rl.testbed import RLSettings, rl_config, updates_per_rollout
+
+    assert updates_per_rollout(512, 32) == 16 and updates_per_rollout(8, 0) == 1 and updates_per_rollout(2, 32) == 1
+    s = RLSettings(model="tiny-lm", data="addition", difficulties=(3,), steps=2, prompts_per_step=8, group_size=2)
+    assert rl_config(s).grpo.minibatches == 1
+    assert rl_config(s, GRPOConfig(minibatches=4)).grpo.minibatches == 4  # a chapter's own choice stands when the setting is 0
+    import dataclasses
+
+    assert rl_config(dataclasses.replace(s, mini_batch_prompts=2), GRPOConfig(clip_high=0.28)).grpo == GRPOConfig(clip_high=0.28, minibatches=4)

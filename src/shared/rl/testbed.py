@@ -32,7 +32,7 @@ from torch import nn
 from shared.book.profiles import setting
 from shared.lm.tasks import TASKS
 from shared.rl.grpo import GRPOConfig
-from shared.rl.trainer import MathSource, ProblemSource, RLConfig, TaskSource
+from shared.rl.trainer import MathSource, ProblemSource, RLConfig, TaskSource, encode_prompts
 
 TINY_LM = "tiny-lm"
 
@@ -60,7 +60,7 @@ class Testbed:
     def sample_prompts(self, rng: Any, n: int) -> tuple[list[Any], torch.Tensor, torch.Tensor]:
         """``n`` problems from ``source`` and their left-padded prompt tokens and mask (on the CPU)."""
         problems = self.source.sample(rng, n)
-        tokens, mask = self.tokenizer.pad_left([self.tokenizer.encode(self.source.prompt(p), bos=True) for p in problems])
+        tokens, mask = encode_prompts(self.source, self.tokenizer, problems)
         return problems, tokens, mask
 
 
@@ -119,7 +119,9 @@ class RLSettings:
 
     The quick presets use the tiny LM, its tasks and the RLConfig defaults (40 new tokens, 64 held-out
     problems, pass@8); the paper presets name the paper's model, data, batch and learning rate. The
-    last five fields matter only for a Hugging Face model on a GPU. Full fine-tuning with Adam in
+    last five fields matter only for a Hugging Face model on a GPU. ``mini_batch_prompts`` splits each
+    rollout into several optimiser steps (off-policy after the first: the ratio leaves 1, so clipping
+    and ratio-based terms act), as the papers' verl scripts do. Full fine-tuning with Adam in
     float32 takes 16 bytes per parameter (weights, gradients, two moments) before activations: a
     1.5B model fits one 80 GB GPU, a 7B model (~112 GB) a 141 GB one at best; the papers' 7B runs
     use 8+ GPUs with sharding (verl/FSDP), which this single-device loop does not do.
@@ -137,6 +139,8 @@ class RLSettings:
     eval_every: int = setting(10, low=1, high=100_000, doc="steps between held-out evaluations")
     eval_problems: int = setting(64, low=1, high=100_000, doc="held-out problems per evaluation")
     eval_k: int = setting(8, low=1, high=1024, doc="samples per held-out problem (pass@k)")
+    mini_batch_prompts: int = setting(0, low=0, high=4096, doc="prompts per optimiser step (verl's ppo_mini_batch_size); "
+                                      "0 = the whole batch: one on-policy step per rollout")
     micro_batch_size: int = setting(0, low=0, high=4096, doc="rows per forward/backward (gradient accumulation); 0 = the whole batch")
     rollout_batch_size: int = setting(0, low=0, high=100_000, doc="rows sampled at once (bounds the KV cache); 0 = the whole batch")
     dtype: str = setting("float32", choices=("float32", "bfloat16", "float16"),
@@ -150,10 +154,18 @@ def testbed_from(settings: RLSettings, device: str | None = None) -> Testbed:
                         device=device, dtype=settings.dtype, gradient_checkpointing=settings.gradient_checkpointing)
 
 
+def updates_per_rollout(prompts_per_step: int, mini_batch_prompts: int) -> int:
+    """Optimiser steps per rollout: ``prompts_per_step // mini_batch_prompts`` (at least 1); 1 when ``mini_batch_prompts`` is 0."""
+    return max(1, prompts_per_step // mini_batch_prompts) if mini_batch_prompts else 1
+
+
 def rl_config(settings: RLSettings, grpo: GRPOConfig | None = None, **overrides: Any) -> RLConfig:
     """The :class:`~shared.rl.trainer.RLConfig` of a chapter's settings; ``grpo`` (default plain GRPO) gets the
-    settings' ``micro_batch_size``, and ``overrides`` replace any other field (e.g. ``seed``)."""
-    grpo = dataclasses.replace(grpo or GRPOConfig(), micro_batch_size=settings.micro_batch_size or None)
+    settings' ``micro_batch_size`` and, when ``mini_batch_prompts`` is set, their
+    :func:`updates_per_rollout` as ``minibatches``; ``overrides`` replace any other field (e.g. ``seed``)."""
+    grpo = grpo or GRPOConfig()
+    minibatches = updates_per_rollout(settings.prompts_per_step, settings.mini_batch_prompts) if settings.mini_batch_prompts else grpo.minibatches
+    grpo = dataclasses.replace(grpo, micro_batch_size=settings.micro_batch_size or None, minibatches=minibatches)
     fields = dict(task=settings.data, difficulties=tuple(settings.difficulties), prompts_per_step=settings.prompts_per_step,
                   group_size=settings.group_size, steps=settings.steps, lr=settings.lr, max_new_tokens=settings.max_new_tokens,
                   eval_every=settings.eval_every, eval_problems=settings.eval_problems, eval_k=settings.eval_k, grpo=grpo,

@@ -114,6 +114,12 @@ class MathSource:
         return math_verify(problem, response)
 
 
+def encode_prompts(source: ProblemSource, tokenizer: Any, problems: list[Any], repeat: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt tokens and mask ``[len(problems) * repeat, P]`` (CPU): each problem's prompt
+    ``repeat`` times in a row (a GRPO group, or ``k`` samples for pass@k)."""
+    return tokenizer.pad_left([tokenizer.encode(source.prompt(p), bos=True) for p in problems for _ in range(repeat)])
+
+
 @torch.no_grad()
 def evaluate(model: TinyTransformer, problems: list[Any], k: int, temperature: float, max_new_tokens: int, seed: int,
              *, source: ProblemSource | None = None, tokenizer: Any = None, batch_size: int | None = None) -> dict[str, float]:
@@ -121,7 +127,7 @@ def evaluate(model: TinyTransformer, problems: list[Any], k: int, temperature: f
     source = source or TaskSource()
     tok = tokenizer or CharTokenizer()
     device = next(model.parameters()).device
-    pt, pm = tok.pad_left([tok.encode(source.prompt(p), bos=True) for p in problems for _ in range(k)])
+    pt, pm = encode_prompts(source, tok, problems, k)
     rollout = generate(model, pt.to(device), pm.to(device), max_new_tokens=max_new_tokens, sampler=SamplerConfig(temperature=temperature),
                        generator=torch.Generator(device=device).manual_seed(seed), batch_size=batch_size)
     texts = decode_responses(tok, rollout)
@@ -160,7 +166,7 @@ def train_rl(model: TinyTransformer, config: RLConfig, hooks: GRPOHooks = GRPOHo
         if step % config.eval_every == 0:
             evals.append({"step": step, **evaluate(model, eval_set, config.eval_k, config.temperature, config.max_new_tokens, config.seed + step, **ev)})
         problems = source.sample(rng, config.prompts_per_step)
-        pt, pm = tok.pad_left([tok.encode(source.prompt(p), bos=True) for p in problems for _ in range(config.group_size)])
+        pt, pm = encode_prompts(source, tok, problems, config.group_size)
         rollout = generate(model, pt.to(device), pm.to(device), max_new_tokens=config.max_new_tokens,
                            sampler=SamplerConfig(temperature=config.temperature), generator=gen, batch_size=config.rollout_batch_size)
         rewards = torch.tensor([source.reward(problems[i // config.group_size], t) for i, t in enumerate(decode_responses(tok, rollout))], device=device)
