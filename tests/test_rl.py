@@ -210,3 +210,11 @@ def test_dual_clip_caps_the_loss_of_negative_advantage_tokens():
     assert logp.grad[2] == 0 and logp.grad[1] != 0
     with pytest.raises(ValueError, match="dual_clip"):
         GRPOConfig(dual_clip=1.0)
+
+
+def test_rollout_chunks_cover_the_rows_in_order():
+    _, rollout, _ = _tiny_rollout()
+    parts = list(rollout.chunks(3))
+    assert [p.tokens.shape[0] for p in parts] == [3, 3, 2]
+    assert torch.equal(torch.cat([p.tokens for p in parts]), rollout.tokens)
+    assert [p is rollout for p in rollout.chunks(None)] == [True] and [p is rollout for p in rollout.chunks(0)] == [True]

@@ -136,3 +136,12 @@ def test_matches_the_official_loss_formulas_on_a_random_batch():
     clip_by_origin = (pg2 > pg) & mask
     w, _ = clip_cov_weights(batch, ClipCovConfig(ratio=1.0, omega_low=-1e9, omega_high=1e9))
     assert torch.equal(w == 0, mask & ~clip_by_origin)
+
+
+def test_batch_quantile_is_torch_quantile_and_numpy_beyond_its_limit():
+    from shared.rl.covariance_control import batch_quantile
+
+    x = torch.arange(11, dtype=torch.float32)
+    assert batch_quantile(x, 0.5) == 5.0 and batch_quantile(x, 0.95) == pytest.approx(9.5)
+    big = torch.linspace(0, 1, 2**24 + 3)  # torch.quantile refuses this many elements
+    assert batch_quantile(big, 0.5) == pytest.approx(0.5, abs=1e-6)

@@ -13,7 +13,7 @@ benchmark in ``benchmarks/`` compares against; both give identical samples for t
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +43,15 @@ class Rollout:
     def select(self, rows: Tensor | slice) -> Rollout:
         """The rollout restricted to some of its rows (a mini-batch, a micro-batch, the kept samples)."""
         return Rollout(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
+
+    def chunks(self, size: int | None) -> Iterator[Rollout]:
+        """Consecutive blocks of ``size`` rows (the last may be shorter), to bound the memory of a pass over
+        ``[B, L, V]`` logits; ``None`` or 0 yields the whole rollout once."""
+        if not size or size >= self.tokens.shape[0]:
+            yield self
+            return
+        for start in range(0, self.tokens.shape[0], size):
+            yield self.select(slice(start, start + size))
 
 
 def never_sample_specials(logits: Tensor, ids: tuple[int, ...] = (PAD, BOS)) -> Tensor:

@@ -242,8 +242,8 @@ class AEPO:
             self.last_loss = float(loss.detach())
             return loss
         total = 0.0  # each chunk's loss is a sum over its samples / |B|: the chunks' gradients add up to the whole term's
-        for idx in torch.split(torch.arange(pending.tokens.shape[0], device=pending.tokens.device), self.micro_batch_size):
-            loss = self._reinforce(pending.select(idx))
+        for chunk in pending.chunks(self.micro_batch_size):
+            loss = self._reinforce(chunk)
             loss.backward()
             total += float(loss.detach())
         self.last_loss = total

@@ -114,6 +114,16 @@ def clip_cov_select(cov: Tensor, eligible: Tensor, count: int, omega_low: float,
     return picked.reshape(cov.shape)
 
 
+def batch_quantile(x: Tensor, q: float) -> float:
+    """The ``q``-quantile of a 1-D tensor (linear interpolation); numpy's beyond ``torch.quantile``'s
+    2**24-element limit (a paper-sized batch holds millions of tokens)."""
+    if x.numel() <= 2**24:
+        return float(torch.quantile(x, q))
+    import numpy as np
+
+    return float(np.quantile(x.detach().float().cpu().numpy(), q))
+
+
 def clip_cov_weights(batch: TokenBatch, config: ClipCovConfig, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
     """Per-token weights (0 for the detached tokens, 1 otherwise) and diagnostics for one batch."""
     mask = batch.mask
@@ -121,7 +131,7 @@ def clip_cov_weights(batch: TokenBatch, config: ClipCovConfig, generator: torch.
     low, high = config.omega_low, config.omega_high
     if config.omega_quantiles is not None:
         valid = cov[mask]
-        low, high = (float(torch.quantile(valid, q)) for q in config.omega_quantiles)
+        low, high = (batch_quantile(valid, q) for q in config.omega_quantiles)
     clipped = ppo_clipped(batch.logp, batch.old_logp, batch.advantages, mask, config.clip_low, config.clip_high)
     eligible = mask & ~clipped
     n_valid = int(mask.sum())

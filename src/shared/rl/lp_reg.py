@@ -192,8 +192,7 @@ def teacher_forced_bands(model: TinyTransformer, rollout: Rollout, kappa: float 
     was_training = model.training
     model.eval()
     sums = {"spark": 0.0, "noise": 0.0, "contested": 0.0, "entropy": 0.0}
-    for idx in torch.split(torch.arange(rollout.mask.shape[0], device=rollout.mask.device), rows or rollout.mask.shape[0]):
-        part = rollout if rows is None else rollout.select(idx)
+    for part in rollout.chunks(rows):
         probs = torch.softmax(response_logits(model, part), -1)
         m = part.mask.float()
         contested = (probs * ((probs >= tail) & (probs < probs.amax(-1, keepdim=True)))).sum(-1)

@@ -32,7 +32,7 @@ from torch import nn
 from shared.book.profiles import setting
 from shared.lm.tasks import TASKS
 from shared.rl.grpo import GRPOConfig
-from shared.rl.trainer import MathSource, ProblemSource, RLConfig, TaskSource, encode_prompts
+from shared.rl.trainer import MathSource, ProblemSource, RLConfig, TaskSource, encode_prompts, tiny_lm_setting
 
 TINY_LM = "tiny-lm"
 
@@ -95,8 +95,7 @@ def load_testbed(model: str, data: str, *, difficulties: tuple[int, ...] = (3, 4
         from shared.lm.pretrain import load_base_model
         from shared.lm.tokenizer import CharTokenizer
 
-        name = f"tiny-LM {data} {'-'.join(map(str, difficulties))}"
-        return Testbed(name, load_base_model, CharTokenizer(), TaskSource(data, tuple(difficulties)))
+        return Testbed(tiny_lm_setting(data, tuple(difficulties)), load_base_model, CharTokenizer(), TaskSource(data, tuple(difficulties)))
 
     from shared.lm.hf_policy import load_hf_model, load_hf_tokenizer
     from shared.lm.math_data import load_math_dataset

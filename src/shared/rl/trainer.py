@@ -226,6 +226,11 @@ def cached_train_rl(model: TinyTransformer, config: RLConfig, hooks: GRPOHooks =
     return run
 
 
+def tiny_lm_setting(task: str, difficulties: tuple[int, ...]) -> str:
+    """The name of a tiny-LM setting, e.g. "tiny-LM countdown 3" (the panel of the part's overview)."""
+    return f"tiny-LM {task} {'-'.join(map(str, difficulties))}"
+
+
 def entropy_accuracy_record(config: RLConfig, runs: dict[str, RLRun], method: str, name: str | None = None) -> dict:
     """The ``metrics["entropy_accuracy"]`` entry of an RL chapter: eval entropy and pass@1 per arm.
 
@@ -235,6 +240,6 @@ def entropy_accuracy_record(config: RLConfig, runs: dict[str, RLRun], method: st
     """
     if method not in runs:
         raise ValueError(f"method {method!r} is not among the arms {sorted(runs)}")
-    name = name or f"tiny-LM {config.task} {'-'.join(map(str, config.difficulties))}"
+    name = name or tiny_lm_setting(config.task, config.difficulties)
     return {"name": name, "method": method,
             "points": {arm: {"entropy": run.evals["entropy"].tolist(), "accuracy": run.evals["pass@1"].tolist()} for arm, run in runs.items()}}
