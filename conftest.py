@@ -1,7 +1,9 @@
 """Test-session plumbing shared by the unit tests and nbval.
 
-- Every kernel runs with one BLAS/OpenMP thread (the quick profile's setting), so two notebooks can
-  run side by side and still give bit-identical numbers.
+- Every kernel runs on the pinned CPU kernels (:mod:`shared.kernels`: fixed instruction sets, one
+  BLAS/OpenMP thread), the quick profile's setting, so results are the same bits on any x86-64 CPU.
+  With ``ENTROPY_BOOK_EMULATE_CPU=<name>`` the notebooks' kernels start with another CPU's dispatch
+  limits (``shared.kernels.EMULATED_CPUS``) and must pin over them: the results files must not change.
 - Notebooks executed by nbval write their results files to ``_build/test-results`` instead of
   ``results/``; at the end of the session those fresh files are compared with the committed ones
   (all fields but the volatile ``runtime_s``), so a stale results file fails the run.
@@ -19,8 +21,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 FRESH_RESULTS = ROOT / "_build" / "test-results"
 
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ[_var] = "1"
+# Before anything imports torch or numpy (this file is imported first).
+from shared.kernels import EMULATED_CPUS, pin_cpu_kernels
+
+pin_cpu_kernels()
+_emulated = os.environ.get("ENTROPY_BOOK_EMULATE_CPU")
+if _emulated:
+    if _emulated not in EMULATED_CPUS:
+        raise SystemExit(f"ENTROPY_BOOK_EMULATE_CPU={_emulated!r}: use one of {', '.join(EMULATED_CPUS)}")
+    os.environ.update(EMULATED_CPUS[_emulated])  # what the notebooks' kernels inherit; their setup cell pins over it
 os.environ["ENTROPY_BOOK_RESULTS_DIR"] = str(FRESH_RESULTS)
 os.environ["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
 

@@ -6,6 +6,7 @@ standing in for the GitHub URL that Colab uses) and then run to the end.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,8 @@ import sys
 
 import pytest
 from helpers import ENTROPY_PAGE, ROOT
+
+from shared.kernels import PINNED_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +37,13 @@ def test_a_chapter_opened_alone_installs_the_library_and_runs(tmp_path):
     shutil.copy(ENTROPY_PAGE, page)
     constraints = tmp_path / "constraints.txt"
     constraints.write_text("torch==2.13.0\n")  # the CPU wheel on disk, instead of a multi-GB download
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "ENTROPY_BOOK_RESULTS_DIR")}
+    # nothing of the test session's environment: no pinned kernels either (the setup cell must pin them itself)
+    dropped = {"PYTHONPATH", "VIRTUAL_ENV", "ENTROPY_BOOK_RESULTS_DIR", *PINNED_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}", ENTROPY_BOOK_SOURCE=str(repo_copy),
                PIP_CONSTRAINT=str(constraints))
     proc = subprocess.run([str(py), "-m", "papermill", str(page), str(page), "--cwd", str(page.parent),
                            "--kernel", "python3", "--no-progress-bar"], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (page.parent / "results" / "book" / "entropy-in-one-page.quick.json").exists()
+    written = page.parent / "results" / "book" / "entropy-in-one-page.quick.json"
+    assert json.loads(written.read_text())["environment"]["kernels"] == "pinned-v1"

@@ -172,7 +172,24 @@ def test_entropy_loss_is_the_sum_over_tasks_and_batches_of_mean_entropies():
     torch.testing.assert_close(merger.entropy_loss(batches), expected)
 
 
-@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_global_coefficient_is_task_arithmetic_with_one_learnable_lambda():
+    merger, theta0, taus, _ = _merger("global", k=2)
+    assert merger.lambdas_raw.shape == (1, 1)
+    with torch.no_grad():
+        merger.lambdas_raw.fill_(0.45)
+    torch.testing.assert_close(merger.coefficients(), torch.full((1, 2), 0.45, dtype=torch.float64))
+    expected = task_arithmetic(theta0, taus, 0.45)
+    for n, v in merger.merged_parameters().items():
+        torch.testing.assert_close(v, expected[n])
+    inputs = [torch.randn(40, 3, generator=torch.Generator().manual_seed(k), dtype=torch.float64) for k in range(2)]
+    fit_adamerging(merger, inputs, torch.Generator().manual_seed(0), iterations=range(1))
+    # one Adam step moves the single coefficient by lr, and every task keeps the same coefficient
+    torch.testing.assert_close((merger.lambdas_raw.detach() - 0.45).abs(), torch.full((1, 1), 1e-3, dtype=torch.float64), rtol=0, atol=1e-7)
+    lam = merger.coefficients()
+    assert torch.equal(lam[0, 0].expand(2), lam[0])
+
+
+@pytest.mark.parametrize("granularity", ["global", "task", "layer"])
 def test_gradient_wrt_lambda_equals_a_finite_difference(granularity):
     merger, _, _, _ = _merger(granularity)
     with torch.no_grad():  # distinct coefficients strictly inside (0, 1)
@@ -226,3 +243,20 @@ def test_config_and_shapes_are_validated():
         AdaMerging(_Tiny().double(), theta0, taus, heads[:1])
     with pytest.raises(ValueError, match="tasks"):
         merger.entropy_loss(_batches(k=1))
+
+
+def test_finetuned_encoder_is_finetune_encoder_under_the_linear_probe_head():
+    from shared.merging.digits_tasks import FinetuneConfig, TASKS, encoder_of, finetune_encoder, finetuned_encoder, linear_probe_head, task_data
+    from shared.models.training import SourceConfig, source_model
+
+    config = FinetuneConfig(task="parity", width=8, epochs=1, seed=2)
+    encoder0 = encoder_of(source_model(SourceConfig(norm="gn", width=8)))
+    data = task_data(TASKS[1])
+    head = linear_probe_head(encoder0, data.clean_train_x, data.train_y, 2)
+    by_hand = finetune_encoder(encoder0, head, data.train_x, data.train_y, epochs=1, seed=2)
+    cached = finetuned_encoder(config, use_cache=False)
+    assert set(cached.state_dict()) == set(by_hand.state_dict())
+    for name, value in by_hand.state_dict().items():
+        assert torch.equal(cached.state_dict()[name], value), name
+    with pytest.raises(ValueError, match="unknown task"):
+        finetuned_encoder(FinetuneConfig(task="colour"), use_cache=False)

@@ -32,14 +32,24 @@ def test_a_written_chapter_shows_its_central_claim_and_verdict(tmp_path):
     (tmp_path / "chapters" / "tta").mkdir(parents=True)
     (tmp_path / "chapters" / "tta" / "sar.ipynb").write_text("{}")
     (tmp_path / "results" / "tta").mkdir(parents=True)
-    claim = {"id": "central", "statement": "SAR beats Tent | under label shift.", "source": "Table 2", "paper": 58.0,
-             "ours": 61.25, "comparison": "ours > tent", "verdict": "not reproduced", "note": ""}
-    (tmp_path / "results" / "tta" / "sar.quick.json").write_text(json.dumps({"claims": [claim], "runtime_s": 12.4}))
+    from shared.book import ClaimSpec
+
+    claim = ClaimSpec("central", "SAR beats Tent | under label shift.", "README table", "superiority", "online accuracy (%)",
+                      "digits-c GN, label shift", "SAR", "Tent", margin=1.0, n_seeds=3, central=True,
+                      paper="SAR 37.2 % vs Tent 22.0 %, ResNet-50 GN (README table)").judge([40.0, 41.0, 40.5], [40.2, 40.9, 40.6])
+    doc = {"part": "tta", "slug": "sar", "claims": [claim.record()], "runtime_s": 12.4}
+    (tmp_path / "results" / "tta" / "sar.quick.json").write_text(json.dumps(doc))
     row = next(r for r in build_rows(tmp_path) if r.slug == "sar")
-    assert (row.chapter, row.paper, row.ours, row.verdict, row.runtime_s) == ("chapters/tta/sar.ipynb", "58", "61.25", "not reproduced", 12.4)
+    assert (row.chapter, row.verdict, row.runtime_s, row.stability) == ("chapters/tta/sar.ipynb", "not reproduced", 12.4, "not checked")
+    assert row.paper.startswith("SAR 37.2 %") and "3 seeds" in row.ours and "(margin 1)" in row.effect
     page = scoreboard_page(build_rows(tmp_path))
     assert "[Towards Stable Test-Time Adaptation in Dynamic Wild World](../chapters/tta/sar.ipynb)" in page
     assert "SAR beats Tent \\| under label shift." in page and "1 of 74 chapters written" in page
+    # a verdict that did not hold on the second set of seeds is marked fragile
+    (tmp_path / "results" / "robustness.json").write_text(json.dumps({"alt_seed": 1000, "chapters": {"tta/sar": {"claims": {
+        "central": {"verdict": "not reproduced", "alt_verdict": "inconclusive", "held": False}}}}}))
+    row = next(r for r in build_rows(tmp_path) if r.slug == "sar")
+    assert row.stability == "fragile" and "⚠ fragile" in scoreboard_page(build_rows(tmp_path))
 
 
 def test_generated_pages_are_up_to_date():

@@ -102,6 +102,7 @@ def test_one_aepo_step_records_its_choice_and_adds_a_finite_loss():
     assert stats["aepo_kept"] <= 3  # tempered rollout on the first of the two prompts only: one group of 4, mixed
     assert stats["aepo_temperature"] == 1.2 and stats["aepo_m"] == min(3, stats["aepo_kept"])
     assert aepo.pending.tokens.shape[0] == stats["aepo_m"]
+    assert aepo.reinforced == stats["aepo_m"] and aepo.reinforced_fraction == pytest.approx(stats["aepo_m"] / 8)
     out = grpo_step(model, torch.optim.Adam(model.parameters(), 1e-4), rollout, rewards, torch.arange(8) // 4,
                     GRPOConfig(), aepo.hooks())
     assert np.isfinite(out["loss"]) and aepo.pending is None
@@ -122,6 +123,9 @@ def test_the_source_path_reproduces_the_tiny_lm_prompt_path():
         kwargs = {} if source is None else {"source": aepo.source}
         histories.append(train_rl(model, config, aepo.hooks(), on_rollout=aepo.on_rollout, show_progress=False, **kwargs).history)
     assert histories[0].equals(histories[1]) and histories[0]["aepo_kept"].sum() > 0
+    # the activity is the run's reinforced samples over its batch samples: the mean of aepo_m / |B| at a fixed batch
+    assert aepo.reinforced_fraction == pytest.approx(histories[1]["aepo_m"].mean() / 16)
+    assert AEPO(model, AEPOConfig(), group_size=4).reinforced_fraction == 0.0
 
 
 def test_aepo_runs_on_a_hugging_face_policy_with_its_tokenizer_and_reward(tmp_path):

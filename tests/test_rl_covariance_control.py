@@ -145,3 +145,29 @@ def test_batch_quantile_is_torch_quantile_and_numpy_beyond_its_limit():
     assert batch_quantile(x, 0.5) == 5.0 and batch_quantile(x, 0.95) == pytest.approx(9.5)
     big = torch.linspace(0, 1, 2**24 + 3)  # torch.quantile refuses this many elements
     assert batch_quantile(big, 0.5) == pytest.approx(0.5, abs=1e-6)
+
+
+def test_activity_measures_are_shares_of_the_logged_tokens():
+    from shared.rl.covariance_control import detached_share, penalised_log_ratio
+
+    clip_log = [{"n_valid": 300, "n_in_band": 4, "n_detached": 3}, {"n_valid": 100, "n_in_band": 0, "n_detached": 0}]
+    assert detached_share(clip_log) == pytest.approx(3 / 400)
+    kl_log = [{"n_valid": 300, "n_penalised": 3, "penalty": 0.6}, {"n_valid": 100, "n_penalised": 1, "penalty": 0.0}]
+    assert penalised_log_ratio(kl_log, beta=2.0) == pytest.approx(0.6 / (2.0 * 4))
+    with pytest.raises(ValueError, match="empty log"):
+        detached_share([])
+    with pytest.raises(ValueError, match="beta"):
+        penalised_log_ratio(kl_log, beta=0.0)
+
+
+def test_kl_cov_activity_is_zero_on_policy_and_the_mean_abs_log_ratio_off_policy():
+    from shared.rl.covariance_control import penalised_log_ratio
+
+    old = [[-1.0, -2.0, -0.5, -3.0]]
+    adv = [[1.0, -1.0, 1.0, -1.0]]  # Cov = (log pi + 1.625) A = [0.625, 0.375, 1.125, 1.375]: the last token is the top one
+    mask = [[True, True, True, True]]
+    for logp, expected in ((old, 0.0), ([[-1.0, -2.0, -0.5, -2.8]], 0.2)):  # on-policy; then the top token moved by 0.2
+        log: list = []
+        kl_cov_hooks(KLCovConfig(ratio=0.25, beta=1.0), log).extra_loss(make_batch(logp, old, adv, mask))
+        assert log[0]["n_penalised"] == 1
+        assert penalised_log_ratio(log, beta=1.0) == pytest.approx(expected)

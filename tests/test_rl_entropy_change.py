@@ -8,6 +8,7 @@ import torch
 from shared.rl.entropy_change import (
     STEER_GRPO,
     STEERConfig,
+    WeightLog,
     bandit_entropy_change,
     bandit_first_order_change,
     bandit_step,
@@ -16,6 +17,7 @@ from shared.rl.entropy_change import (
     steer_batch_weights,
     steer_hooks,
     steer_weights,
+    weight_activity,
 )
 from shared.rl.grpo import TokenBatch, grpo_loss
 
@@ -132,3 +134,38 @@ def test_uniform_bandit_entropy_is_maximal_and_cannot_rise():
     z = torch.zeros(8, dtype=torch.float64)
     assert softmax_entropy(z).item() == pytest.approx(math.log(8))
     assert bandit_entropy_change(z, 2, 1.0, 0.1) < 0 and bandit_entropy_change(z, 2, -1.0, 0.1) < 0
+
+
+def test_weight_activity_hand_computed():
+    w = torch.tensor([[1.0, 0.8, 0.995], [0.9, 0.5, 1.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])  # 0.5 and the last 1.0 are padding
+    mean, moved = weight_activity(w, mask, tolerance=0.01)
+    assert mean == pytest.approx((0 + 0.2 + 0.005 + 0.1) / 4, rel=1e-6)
+    assert moved == pytest.approx(2 / 4)  # 0.8 and 0.9 move by more than 0.01; 0.995 does not
+    assert weight_activity(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool)) == (0.0, 0.0)  # plain GRPO: inert
+    assert weight_activity(w, torch.zeros(2, 3, dtype=torch.bool)) == (0.0, 0.0)
+
+
+def test_weight_log_pools_batches_by_tokens():
+    log = WeightLog(tolerance=0.01)
+    log.record(torch.tensor([0.8, 1.0]), torch.tensor([True, True]))
+    log.record(torch.tensor([1.0, 1.0, 1.0, 0.0]), torch.tensor([True, True, True, False]))
+    assert (log.tokens, log.batches) == (5, 2)
+    assert log.mean_deviation == pytest.approx(0.2 / 5) and log.fraction_moved == pytest.approx(1 / 5)
+    assert WeightLog().mean_deviation == 0.0 and WeightLog().fraction_moved == 0.0
+
+
+def test_hook_logs_the_weights_it_applies():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6)
+    tokens = torch.randint(0, 6, (2, 4))
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, tokens[..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    mask = torch.tensor([[True] * 4, [True, True, False, False]])
+    batch = TokenBatch(logp, logp, torch.tensor([[1.0] * 4, [-1.0] * 4]), mask, entropy, logits, torch.tensor([1.0, 0.0]), torch.tensor([0, 0]))
+    log = WeightLog()
+    applied = steer_hooks(STEERConfig(lambda_min=0.8), log).token_weights(batch)
+    assert torch.equal(applied, steer_batch_weights(batch, STEERConfig(lambda_min=0.8)))
+    assert log.tokens == 6 and log.mean_deviation == pytest.approx(weight_activity(applied, mask)[0], rel=1e-9)
+    assert 0 < log.mean_deviation <= 0.2 + 1e-6  # at most 1 - lambda_min; the largest |Omega| gets exactly 0.8

@@ -7,10 +7,16 @@ import math
 import pytest
 import torch
 
-from shared.rl.entropy_regularization import (
-    SIREN, SIRENConfig, anchored_penalty, peak_mask, selective_entropy, selective_entropy_rows,
-)
 from shared.entropy import top_p_entropy
+from shared.rl.entropy_regularization import (
+    SIREN,
+    SIRENConfig,
+    anchored_penalty,
+    peak_mask,
+    selective_entropy,
+    selective_entropy_rows,
+    touched_fraction,
+)
 from shared.rl.grpo import GRPOConfig, TokenBatch, grpo_loss
 
 
@@ -72,6 +78,16 @@ def test_selective_entropy_rows_averaged_over_chunks_equals_the_whole_batch():
     assert torch.equal(chunks.mean(), selective_entropy(h, keep))
 
 
+def test_touched_fraction_counts_kept_positions_with_a_non_empty_nucleus_over_valid_positions():
+    h = torch.tensor([[0.0, 0.7, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    keep = torch.tensor([[True, True, False, False], [False, False, False, False]])
+    mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    # row 0: position 1 is kept with H^p > 0; position 0 is kept but its nucleus is empty (no gradient): 1 of 6 valid
+    assert touched_fraction(h, keep, mask) == pytest.approx(1 / 6)
+    # a kept position outside the mask never counts
+    assert touched_fraction(h, keep, torch.tensor([[True, False, True, True], [True, True, False, False]])) == 0.0
+
+
 def test_anchored_penalty_is_zero_at_the_anchor_and_its_gradient_points_back():
     h = torch.tensor(0.3, requires_grad=True)
     loss = anchored_penalty(h, 0.5, 0.005)
@@ -98,6 +114,10 @@ def test_siren_hook_sets_the_anchor_on_the_first_call_then_penalises_the_squared
     h_new = siren.selective(_batch(sharper))
     assert siren(_batch(sharper)) == pytest.approx(0.1 * (float(h_new) - siren.anchor) ** 2, rel=1e-5)
     assert siren.anchor == pytest.approx(siren.trace[0])  # fixed after the first call
+    # the activity is recorded at every update: the share of positions the peak mask keeps with H^p > 0
+    h, keep = siren.masked(_batch(sharper))
+    assert len(siren.touched) == 2 and siren.touched[-1] == pytest.approx(float((keep & (h > 0)).float().mean()))
+    assert siren.touched[0] == pytest.approx(0.2)  # 10 positions per row: the 0.8 quantile keeps the top 2 (20 %) of each row
     # in the GRPO loss the hook adds exactly its value
     cfg = GRPOConfig()
     base, _ = grpo_loss(_batch(sharper), cfg)

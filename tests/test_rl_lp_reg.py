@@ -1,5 +1,6 @@
 """Lp-Reg (arXiv 2510.03222): the min-p proxy, token selection, the k3 penalty and the mass bands."""
 
+import dataclasses
 import math
 
 import pytest
@@ -116,3 +117,24 @@ def test_teacher_forced_bands_partition_probability():
     assert 0.0 <= default["noise"] <= wide["noise"] and default["entropy"] > 0  # kappa 0.02 < 0.3: less noise
     by_row = teacher_forced_bands(model, rollout, rows=1)  # the paper profile's memory bound: one response at a time
     assert by_row == pytest.approx(default, rel=1e-5, abs=1e-7)
+
+
+def test_pull_to_push_is_the_share_of_the_advantage_push_the_penalty_cancels():
+    from shared.rl.lp_reg import pull_to_push
+
+    # token 1 (p = 0.3) at positions where the noise mass is 0.01: on-policy pull = beta * 0.01 / 0.99, push = |A| = 2
+    logits = PROBS.log().repeat(1, 4, 1).clone()
+    tokens = torch.tensor([[1, 1, 0, 0]])
+    adv = torch.full((1, 4), -2.0)
+    batch = _batch(logits, tokens, adv, torch.ones(1, 4, dtype=torch.bool))
+    log: list = []
+    lp_reg_loss(LpRegConfig(rho=0.5, beta=3.0), "token-mean", log)(batch)
+    assert log[0]["n_touched"] == 2
+    assert log[0]["pull"] == pytest.approx(2 * 3.0 * (1 / 0.99 - 1), rel=1e-5) and log[0]["push"] == pytest.approx(4.0)
+    assert pull_to_push(log) == pytest.approx(3.0 * (1 / 0.99 - 1) / 2.0, rel=1e-5)
+    assert pull_to_push([{"n_touched": 0, "pull": 0.0, "push": 0.0}]) == 0.0
+    # the gradient agrees: the penalty's d/d log pi on a touched token is -pull per token
+    logp = batch.logp.clone().requires_grad_(True)
+    penalty, _ = lp_reg_terms(dataclasses.replace(batch, logp=logp), LpRegConfig(rho=0.5, beta=3.0))
+    (grad,) = torch.autograd.grad(penalty.sum(), logp)
+    assert grad[0, :2].neg().sum().item() == pytest.approx(log[0]["pull"], rel=1e-5)

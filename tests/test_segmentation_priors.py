@@ -217,3 +217,20 @@ def test_tiny_unet_shapes_and_pixel_logits_view():
     assert torch.allclose(rows[12 * 16 + 5 * 16 + 7], logits[1, :, 5, 7])  # slice 1, pixel (5, 7)
     with pytest.raises(ValueError, match="divisible by 4"):
         model(torch.rand(1, 1, 10, 10))
+
+
+def test_source_unet_is_the_seeded_cross_entropy_fit_and_the_cache_returns_the_same_weights(tmp_path, monkeypatch):
+    from shared.data.synthetic_segmentation import source_and_target
+    from shared.models.unet import UNetSourceConfig, fit_cross_entropy, source_unet, train_source_unet
+
+    monkeypatch.setenv("ENTROPY_BOOK_CACHE", str(tmp_path))
+    config = UNetSourceConfig(n_source=24, seed=3, width=2, epochs=1, batch_size=8)
+    source = source_and_target(n_source=24, n_target=30, n_test=20, shift=0.45, seed=3).source
+    torch.manual_seed(3)
+    by_hand = fit_cross_entropy(TinyUNet(width=2), source.images, source.masks, epochs=1, lr=1e-2, batch_size=8, seed=3)
+    trained, first, second = train_source_unet(config), source_unet(config), source_unet(config)  # second: a cache hit
+    assert len(list(tmp_path.rglob("tinyunet-*.pt"))) == 1
+    for name, value in by_hand.state_dict().items():
+        for model in (trained, first, second):
+            assert torch.equal(model.state_dict()[name], value), name
+    assert not second.training

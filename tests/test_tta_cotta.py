@@ -1,4 +1,5 @@
-"""CoTTA: the threshold decision, the soft cross-entropy step, the teacher EMA, the restore, the output, reset."""
+"""CoTTA: the threshold decision, the soft cross-entropy step, the teacher EMA, the restore, the output, reset,
+the no-gradient control and the displacement measure."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from shared.models.cnn import SmallCNN
-from shared.tta.cotta import CoTTA, CoTTAConfig
+from shared.tta.cotta import CoTTA, CoTTAConfig, weight_displacement
 from shared.tta.teacher import augment_digits, configure_all_parameters
 
 
@@ -109,3 +110,68 @@ def test_reset_restores_student_teacher_and_optimizer():
     for name, p in cotta.model.named_parameters():
         assert torch.equal(p, source[name]) and torch.equal(dict(cotta.teacher.named_parameters())[name], source[name])
     assert cotta.optimizer.state_dict()["state"] == {}
+
+
+def test_without_adaptation_the_output_is_the_augmented_source_and_nothing_moves():
+    x = _x()
+    source = configure_all_parameters(_model())
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        averaged = [torch.stack([source(augment_digits(x, g)) for _ in range(3)]).mean(0) for _ in range(2)]
+    control = CoTTA(_model(), CoTTAConfig(lr=5e-2, threshold=1.0, n_augmentations=3, seed=5, adapt=False))
+    weights = copy.deepcopy(control.model.state_dict())
+    for k in range(2):  # the second batch sees the next views of the same generator, and the same weights
+        assert torch.allclose(control(x), averaged[k], atol=1e-5)
+        assert control.last["triggered"] and control.last["student_logits"] is None and control.last["restored"] == 0
+    assert all(torch.equal(p, weights[n]) for n, p in control.model.named_parameters())
+    assert all(torch.equal(p, weights[n]) for n, p in control.teacher.named_parameters())
+    assert control.teacher_displacement() == 0.0 and control.student_displacement() == 0.0
+
+
+def test_weight_displacement_is_the_relative_l2_distance():
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[3.0, 0.0]]))
+        model.bias.copy_(torch.tensor([4.0]))
+    reference = {"weight": torch.zeros(1, 2), "bias": torch.tensor([4.0])}
+    assert weight_displacement(model, reference) == pytest.approx(3.0 / 4.0)  # |(3, 0, 0)| / |(0, 0, 4)|
+    assert weight_displacement(model, dict(model.state_dict())) == 0.0
+    with pytest.raises(ValueError, match="no value"):
+        weight_displacement(model, {"weight": torch.zeros(1, 2)})
+
+
+def test_restore_records_what_it_reset():
+    x = _x()
+    cotta = CoTTA(_model(), CoTTAConfig(lr=1e-2, alpha=0.5, restore_prob=1.0, threshold=0.0))
+    source = copy.deepcopy(cotta.model.state_dict())
+    student = configure_all_parameters(_model())
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    with torch.no_grad():
+        target = torch.softmax(student(x), -1)
+    (-(target * torch.log_softmax(student(x), -1)).sum(-1).mean()).backward()
+    opt.step()
+    moved = sum(float((p.detach() - source[n]).pow(2).sum()) for n, p in student.named_parameters()) ** 0.5
+    cotta(x)
+    assert cotta.last["restored"] == cotta.n_weights == sum(p.numel() for p in student.parameters())
+    assert cotta.last["restore_shift"] == pytest.approx(moved, rel=1e-4)  # p = 1 takes back the whole step
+    assert cotta.student_displacement() == 0.0 and cotta.teacher_displacement() > 0.0
+    off = CoTTA(_model(), CoTTAConfig(lr=1e-2, threshold=0.0, restore=False))
+    off(x)
+    assert off.last["restored"] == 0 and off.last["restore_shift"] == 0.0 and off.student_displacement() > 0.0
+
+
+def test_teacher_changed_counts_the_plain_input_classes_that_differ_from_the_anchor():
+    x = _x(n=16)
+    cotta = CoTTA(_model(), CoTTAConfig(lr=5e-2, alpha=0.0, threshold=1.0, n_augmentations=2, restore=False))
+    cotta(x)  # first batch: the teacher is still the source
+    assert cotta.last["teacher_changed"] == 0.0
+    cotta(x)  # alpha = 0: the teacher is now the stepped student
+    with torch.no_grad():
+        expected = float((cotta.teacher(x).argmax(-1) != cotta.anchor(x).argmax(-1)).double().mean())
+    for _ in range(3):  # the value recorded on a batch describes the teacher before that batch's step
+        before = expected
+        cotta(x)
+        assert cotta.last["teacher_changed"] == pytest.approx(before)
+        with torch.no_grad():
+            expected = float((cotta.teacher(x).argmax(-1) != cotta.anchor(x).argmax(-1)).double().mean())
+    assert max(before, expected) > 0.0  # lr 5e-2 on a 4-class toy moves some classes

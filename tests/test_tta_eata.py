@@ -167,7 +167,7 @@ def test_eata_loss_adds_the_fisher_penalty_and_pulls_towards_the_anchor():
     assert reg.item() == pytest.approx(expected.item(), rel=1e-5)
     eta(x)
     eata(x)
-    dist = lambda a: sum(((p - fisher.anchor[n]) ** 2).sum() for n, p in zip(a.param_names, a.params)).item()  # noqa: E731
+    dist = lambda a: sum(((p - fisher.anchor[n]) ** 2).sum() for n, p in zip(a.param_names, a.params)).item()
     assert dist(eata) < dist(eta)  # the anchor pulls back
 
 
@@ -187,3 +187,28 @@ def test_reset_clears_the_moving_average_and_restores_the_weights():
     assert eta.moving_probs is not None and not all(torch.equal(a, b) for a, b in zip(before, eta.params))
     eta.reset()
     assert eta.moving_probs is None and all(torch.equal(a, b) for a, b in zip(before, eta.params))
+
+
+def test_penalty_share_adds_up_the_two_terms_of_the_loss_by_hand():
+    m = configure_norm_adaptation(_model())
+    fisher = compute_fisher(m, _x(16, seed=3), batch_size=8)
+    cfg = EATAConfig(e_margin=10.0, d_margin=1.5, lr=0.05, fisher_alpha=1e3)
+    eata = EATA(copy.deepcopy(m), cfg, fisher=fisher)
+    eta = ETA(copy.deepcopy(m), cfg)
+    assert eata.penalty_share == 0.0  # no update yet
+    x1, x2 = _x(8, seed=1), _x(8, seed=2)
+    eata(x1)  # at the anchor: the penalty is exactly zero
+    assert eata.penalty_sum == 0.0 and eata.entropy_loss_sum > 0
+    ent1 = eata.entropy_loss_sum
+    with torch.no_grad():  # the two terms of the second update, by hand, at the weights before it
+        logits = eata.model(x2)
+        ent = entropy_from_logits(logits)
+        e_ent = float((ent * torch.exp(10.0 - ent)).mean())
+        e_pen = 1e3 * float(sum((fisher.fisher[n] * (p - fisher.anchor[n]) ** 2).sum()
+                                for n, p in zip(eata.param_names, eata.params)))
+    eata(x2)
+    assert eata.penalty_sum == pytest.approx(e_pen, rel=1e-5) and e_pen > 0
+    assert eata.entropy_loss_sum == pytest.approx(ent1 + e_ent, rel=1e-5)
+    assert eata.penalty_share == pytest.approx(e_pen / (ent1 + e_ent + e_pen), rel=1e-5)
+    eta(x1)
+    assert eta.penalty_sum == 0.0 and eta.penalty_share == 0.0  # ETA has no anti-forgetting term

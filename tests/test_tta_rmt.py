@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from shared.entropy import entropy_from_logits
 from shared.models.cnn import SmallCNN
 from shared.tta.rmt import (RMT, RMTConfig, SourceBatches, class_prototypes, clear_warmup_cache, nearest_prototype,
-                            supcon_loss, symmetric_cross_entropy)
-from shared.tta.teacher import augment_digits, configure_all_parameters
+                            relative_change, supcon_loss, symmetric_cross_entropy, weight_distance)
+from shared.tta.teacher import augment_digits, configure_all_parameters, ema_update
 
 
 def _model(seed=0):
@@ -147,6 +147,8 @@ def test_warmup_ramps_the_learning_rate_moves_the_teacher_and_is_cached():
                     list(again.model.parameters()) + list(again.teacher.parameters())):
         assert torch.equal(a, b)
     assert torch.equal(rmt.source.next()[0], again.source.next()[0])
+    assert rmt.warmup_change > 0 and again.warmup_change == rmt.warmup_change
+    assert RMT(_model(), SMALL, source=source).warmup_change == 0.0  # no warm-up, no change
     clear_warmup_cache()
     fresh = RMT(_model(), config, source=source)  # recomputed: the cache changes nothing
     assert all(torch.equal(a, b) for a, b in zip(fresh.model.parameters(), again.model.parameters()))
@@ -161,3 +163,40 @@ def test_reset_returns_to_the_warmed_up_state():
     rmt.reset()
     for state, module in zip(start, (rmt.model, rmt.teacher, rmt.projector)):
         assert all(torch.equal(v, module.state_dict()[k]) for k, v in state.items())
+
+
+def test_weight_distance_and_relative_change_by_hand():
+    before = {"w": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0]), "steps": torch.tensor(7)}
+    after = {"w": torch.tensor([3.0, 1.0]), "b": torch.tensor([4.0]), "steps": torch.tensor(9)}  # integers are skipped
+    assert weight_distance(before, after) == pytest.approx(1.0)
+    assert relative_change(before, after) == pytest.approx(1.0 / 5.0)  # |(3, 0, 4)| = 5
+    with pytest.raises(ValueError, match="same tensors"):
+        weight_distance(before, {"w": after["w"]})
+
+
+def test_teacher_movement_is_one_minus_m_to_the_t_for_a_student_that_jumps():
+    m, steps = 0.9, 5
+    rmt = RMT(_model(), replace(SMALL, momentum=m), source=_source())
+    assert rmt.teacher_movement() == 0.0  # nothing moved yet
+    with torch.no_grad():
+        for p in rmt.model.parameters():
+            p.add_(0.3)  # the student jumps once, then stays
+    for _ in range(steps):
+        ema_update(rmt.teacher, rmt.model, m)
+    assert rmt.teacher_movement() == pytest.approx(1 - m**steps, rel=1e-5)
+
+
+def test_loss_shares_are_the_mean_weighted_shares_of_each_step():
+    rmt = RMT(_model(), replace(SMALL, lambda_src=2.0), source=_source())
+    for seed in (1, 2):
+        rmt(_x(seed=seed))
+    by_hand = {}
+    for step in rmt.history:
+        weighted = {"self_training": step["self_training"], "contrastive": step["contrastive"], "source_ce": 2.0 * step["source_ce"]}
+        for k, v in weighted.items():
+            by_hand.setdefault(k, []).append(v / sum(weighted.values()))
+    shares = rmt.loss_shares()
+    assert len(rmt.history) == 2 and sum(shares.values()) == pytest.approx(1.0)
+    assert all(shares[k] == pytest.approx(sum(v) / 2) for k, v in by_hand.items())
+    rmt.reset()
+    assert rmt.history == [] and rmt.loss_shares() == {}

@@ -135,6 +135,7 @@ def test_second_step_is_adam_on_the_mean_entropy_of_the_selected_samples_only():
     opt.step()
     out = woc(x2)
     assert torch.equal(woc.last_mask, keep)
+    assert woc.selected_share == pytest.approx((len(x1) + int(keep.sum())) / (2 * len(x2)))  # all of batch 1, part of batch 2
     assert torch.allclose(out, logits.detach(), atol=1e-6)
     for a, b in zip(woc.adapter.params, params):
         assert torch.allclose(a, b, atol=1e-6)
@@ -177,6 +178,7 @@ def test_select_false_and_no_diversity_is_exactly_tent():
     for a, b in zip(woc.adapter.params, tent.params):
         assert torch.allclose(a, b, atol=1e-6)
     assert woc.name == "tent" and tent_woc(_model()).name == "tent+woc"
+    assert woc.selected_share == 1.0 and tent_woc(_model()).selected_share == 1.0  # nothing rejected (nor seen)
     assert tent_woc(_model(), woc=WoCConfig(diversity_weight=0.5)).name == "tent+woc+div"
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from shared.book.profiles import PROFILES, check_profile
 from shared.book.results import find_book_root
+from shared.kernels import pin_cpu_kernels
 
 NOTEBOOK_GLOBS: tuple[str, ...] = ("book/*.ipynb", "chapters/*/*.ipynb", "templates/*.ipynb")
 """Where executable notebooks live, relative to the book root."""
@@ -86,13 +87,13 @@ def tidy_notebook(path: Path) -> None:
 
 
 def kernel_environment(profile: str) -> dict[str, str]:
-    """The environment for a notebook's kernel: this interpreter first on PATH, one thread in ``quick``."""
+    """The environment for a notebook's kernel: this interpreter first on PATH; in ``quick`` the pinned
+    CPU kernels (:data:`shared.kernels.PINNED_ENV`, one thread), which the setup cell sets again."""
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
     if profile == "quick":
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            env[var] = "1"
+        pin_cpu_kernels(env)
     return env
 
 

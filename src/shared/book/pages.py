@@ -5,12 +5,15 @@
 - ``book/_toc.yml``: intro, the book's own pages, then the six parts, each with its intro page and
   the chapters that exist (in catalog order);
 - ``book/scoreboard.md``: all 74 papers by part, with the chapter link (or "not yet written"), the
-  central claim, the paper's number beside ours, the verdict and the quick runtime;
+  central claim and its verdict (marked *fragile* when it did not hold on a second set of seeds,
+  see :mod:`shared.book.robustness`), the paper's own number, ours with its setting and spread, the
+  paired effect with its interval against the declared margin, and the quick runtime;
 - ``book/_generated/<part>.md``: the same rows for one part, included by the part's intro page;
 - ``book/_generated/<part>-overview.md`` and ``<part>-benchmark.png``: every method of the part on the
   part's common benchmark (``metrics["benchmark"]`` in the results files), table and figure.
 
-Nothing here is typed by hand: rows come from ``book/papers.yml`` and ``results/<part>/<slug>.quick.json``.
+Nothing here is typed by hand: rows come from ``book/papers.yml``, ``results/<part>/<slug>.quick.json``
+and ``results/robustness.json``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from typing import Any
 
 import yaml
 
+from shared.book.claims import decimals_for
 from shared.book.results import find_book_root
+from shared.book.robustness import load_robustness, stability
 
 PART_TITLES: dict[str, str] = {
     "tta": "Test-time adaptation",
@@ -56,6 +61,8 @@ class Row:
     ours: str
     verdict: str
     runtime_s: float | None
+    effect: str = "—"
+    stability: str = "not checked"
 
 
 def load_papers(root: Path) -> list[dict[str, Any]]:
@@ -74,14 +81,35 @@ def _cell(value: Any) -> str:
 
 
 def _central_claim(results: dict[str, Any]) -> dict[str, Any]:
-    """The claim with id ``central``, else the first one."""
-    claims = results["claims"]
-    return next((c for c in claims if c["id"] == "central"), claims[0])
+    """The claim declared central (every results file has exactly one)."""
+    central = [c for c in results["claims"] if c["central"]]
+    if len(central) != 1:
+        raise ValueError(f"{results['part']}/{results['slug']}: expected one central claim, found {len(central)}")
+    return central[0]
+
+
+def effect_cell(claim: dict[str, Any]) -> str:
+    """``+3.4 [1.1, 5.7] (margin 1)``: the paired effect and its interval, to the precision the interval carries."""
+    lo, hi = claim["interval"]
+    if claim["kind"] == "identity":
+        return f"worst deviation {claim['effect']:.2g} (tolerance {claim['tolerance']:.2g})"
+    if isinstance(lo, str) or isinstance(hi, str):
+        return f"{claim['effect']:+.3g} (one seed: no interval)"
+    d = decimals_for((hi - lo) / 2)
+    bar = {"superiority": f"margin {claim['margin']:g}", "non-inferiority": f"margin −{claim['margin']:g}",
+           "equivalence": f"margin ±{claim['margin']:g}", "descriptive": f"threshold {claim['threshold']}"}[claim["kind"]]
+    return f"{claim['effect']:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}] ({bar})"
+
+
+def paper_cell(claim: dict[str, Any]) -> str:
+    """The paper's own number (with its table or figure), or a dash: never our threshold."""
+    return _cell(claim["paper"])
 
 
 def build_rows(root: Path) -> list[Row]:
     """One :class:`Row` per paper, filled from its quick results file when the chapter exists."""
     rows = []
+    robustness = load_robustness(root)
     for paper in load_papers(root):
         notebook = root / "chapters" / paper["part"] / f"{paper['slug']}.ipynb"
         results_file = root / "results" / paper["part"] / f"{paper['slug']}.quick.json"
@@ -90,7 +118,9 @@ def build_rows(root: Path) -> list[Row]:
             res = json.loads(results_file.read_text())
             central = _central_claim(res)
             rows.append(Row(paper["number"], paper["slug"], paper["part"], paper["title"], chapter, central["statement"],
-                            _cell(central["paper"]), _cell(central["ours"]), central["verdict"], res["runtime_s"]))
+                            paper_cell(central), _cell(central["ours"]), central["verdict"], res["runtime_s"],
+                            effect_cell(central),
+                            stability(robustness, f"{paper['part']}/{paper['slug']}", central["id"], central["verdict"])))
         else:
             rows.append(Row(paper["number"], paper["slug"], paper["part"], paper["title"], chapter, paper["central_claim"],
                             _cell(paper.get("paper_number")), "—", "not yet written", None))
@@ -108,13 +138,22 @@ def _link(row: Row, from_dir: str) -> str:
 
 def part_table(rows: list[Row], from_dir: str) -> str:
     """The Markdown table of ``rows`` for a page in the folder ``from_dir`` (relative to the root)."""
-    head = ":::{container} scoreboard\n| # | paper | central claim | paper's number | ours | verdict | quick runtime |\n|---|---|---|---|---|---|---|\n"
+    head = (":::{container} scoreboard\n| # | paper | central claim | verdict | paper's number | ours (quick profile) "
+            "| effect [95 % CI] | quick runtime |\n|---|---|---|---|---|---|---|---|\n")
     body = "".join(
-        f"| {r.number:02d} | {_link(r, from_dir)} | {_cell(r.claim)} | {r.paper} | {r.ours} | "
-        f"{VERDICT_MARK.get(r.verdict, r.verdict)} | {'—' if r.runtime_s is None else f'{r.runtime_s:.0f} s'} |\n"
+        f"| {r.number:02d} | {_link(r, from_dir)} | {_cell(r.claim)} | {verdict_cell(r)} | {r.paper} | {r.ours} | "
+        f"{_cell(r.effect)} | {'—' if r.runtime_s is None else f'{r.runtime_s:.0f} s'} |\n"
         for r in rows
     )
     return head + body + ":::\n"
+
+
+def verdict_cell(row: Row) -> str:
+    """The verdict, marked fragile when it did not hold on the second set of seeds."""
+    mark = VERDICT_MARK.get(row.verdict, row.verdict)
+    if row.chapter is None:
+        return mark
+    return mark + {"fragile": " (⚠ fragile)", "stable": "", "not checked": " (stability not checked)"}[row.stability]
 
 
 def scoreboard_page(rows: list[Row]) -> str:
@@ -131,10 +170,17 @@ def scoreboard_page(rows: list[Row]) -> str:
         "---\nhtml_theme.sidebar_secondary.remove: true\n---\n\n"  # the tables need the full width
         "# Scoreboard\n\n"
         "<!-- Generated by `python -m shared.book.pages` from book/papers.yml and results/; do not edit. -->\n\n"
-        "Every paper of the book, its central claim, the paper's number beside ours at the quick profile, "
-        "and our verdict. A chapter records *not reproduced* or *inconclusive* when the effect does not "
-        "appear at quick scale; it never tunes seeds or thresholds to make it appear.\n\n"
-        f"**Progress:** {len(written)} of {len(rows)} chapters written; central claims: {summary}. "
+        "Every paper of the book, its central claim and our verdict at the quick profile. *Paper's number* is "
+        "the paper's own result, with its table or figure and setting; *ours* is our testbed's, with its unit "
+        "and the seed-to-seed spread; the *effect* is the paired difference against the declared baseline, "
+        "with its 95 % interval over seeds and the margin declared before the run. Every verdict comes from "
+        "the book's claims protocol (`shared.book.claims`): *reproduced* only when the interval clears the "
+        "margin, *not reproduced* when it excludes the claim, *inconclusive* otherwise or when the mechanism "
+        "measurably does nothing. A verdict marked *fragile* changed when the chapter was re-run on a second, "
+        "disjoint set of seeds (`make robustness`). A chapter never tunes seeds or thresholds to make an "
+        "effect appear.\n\n"
+        f"**Progress:** {len(written)} of {len(rows)} chapters written; central claims: {summary}; "
+        f"{sum(r.stability == 'fragile' for r in written)} fragile. "
         f"Total quick runtime of the written chapters: {runtime:.0f} s.\n\n" + "\n".join(parts)
     )
 

@@ -1,9 +1,9 @@
 """Results files: each chapter's key numbers and claim verdicts, machine-readable.
 
 One call writes ``results/<part>/<slug>.<profile>.json``. The file holds the metrics, the runtime,
-the seed, the settings, the package versions and a list of claims. Each claim has the paper's
-statement (in our words), where the paper makes it, the paper's number, ours, the comparison we
-made, and a verdict: ``reproduced``, ``not reproduced`` or ``inconclusive``. The JSON schema
+the seed, the settings, the package versions, the kernels it ran on and a list of claims, each
+judged by the claims protocol (:mod:`shared.book.claims`): its kind, margin, number of seeds, the
+paired effect with its interval, the mechanism's activity and the verdict. The JSON schema
 (``results.schema.json`` beside this module) is enforced by the tests; the scoreboard is built
 from these files.
 """
@@ -18,11 +18,12 @@ import platform
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-Verdict = Literal["reproduced", "not reproduced", "inconclusive"]
-VERDICTS: tuple[str, ...] = ("reproduced", "not reproduced", "inconclusive")
-SCHEMA_VERSION = 1
+from shared.book.claims import VERDICTS, Claim
+from shared.kernels import kernel_signature
+
+SCHEMA_VERSION = 2
 SCHEMA_PATH = Path(__file__).with_name("results.schema.json")
 VOLATILE_FIELDS: tuple[str, ...] = ("runtime_s",)
 """Fields that legitimately differ between two runs of the same chapter with the same seed."""
@@ -30,60 +31,6 @@ VOLATILE_FIELDS: tuple[str, ...] = ("runtime_s",)
 RESULTS_DIR_ENV = "ENTROPY_BOOK_RESULTS_DIR"
 TRACKED_PACKAGES: tuple[str, ...] = ("torch", "numpy", "scipy", "scikit-learn", "pandas", "matplotlib", "entropy-at-test-time")
 SIGNIFICANT_DIGITS = 6
-
-
-@dataclasses.dataclass(frozen=True)
-class Claim:
-    """One checkable claim of a paper and what our run says about it.
-
-    Attributes:
-        id: short identifier, unique within the chapter (``"central"``, ``"bn-vs-gn"``...).
-        statement: the paper's claim in our words.
-        source: where the paper makes it (``"Table 2"``, ``"Fig. 3"``, ``"Sec. 4.1"``).
-        paper: the paper's number (or a short text), ``None`` when the paper states none.
-        ours: our number (or short text) at this profile.
-        comparison: the test we applied, e.g. ``"ours >= 0.95 * log 10"``.
-        verdict: ``reproduced``, ``not reproduced`` or ``inconclusive``.
-        note: anything a reader needs to interpret the verdict.
-    """
-
-    id: str
-    statement: str
-    source: str
-    paper: float | str | None
-    ours: float | str | None
-    comparison: str
-    verdict: Verdict
-    note: str = ""
-
-    def __post_init__(self) -> None:
-        if self.verdict not in VERDICTS:
-            raise ValueError(f"verdict={self.verdict!r} is not allowed: use one of {', '.join(map(repr, VERDICTS))}")
-        if not self.id or not self.statement or not self.comparison:
-            raise ValueError("a claim needs a non-empty id, statement and comparison")
-
-
-def check_claim(
-    id: str,
-    statement: str,
-    *,
-    source: str,
-    paper: float | str | None,
-    ours: float | str | None,
-    comparison: str,
-    holds: bool | None,
-    note: str = "",
-) -> Claim:
-    """Build a :class:`Claim` whose verdict follows from ``holds``.
-
-    ``holds=True`` gives ``reproduced``, ``False`` gives ``not reproduced``, and ``None`` (the test
-    could not decide, e.g. the effect is inside the seed-to-seed spread) gives ``inconclusive``.
-    """
-    if holds is None:
-        verdict: Verdict = "inconclusive"
-    else:
-        verdict = "reproduced" if bool(holds) else "not reproduced"
-    return Claim(id, statement, source, _plain(paper), _plain(ours), comparison, verdict, note)
 
 
 def find_book_root(start: Path | None = None) -> Path | None:
@@ -152,6 +99,8 @@ def write_results(
     """Write the chapter's results file and return its path (the schema is checked before writing)."""
     if not claims:
         raise ValueError("a results file needs at least one claim with its verdict")
+    if not all(isinstance(c, Claim) for c in claims):
+        raise TypeError("claims must be judged by the claims protocol (ClaimSpec.judge), not built by hand")
     ids = [c.id for c in claims]
     if len(set(ids)) != len(ids):
         raise ValueError(f"claim ids must be unique, got {ids}")
@@ -164,8 +113,8 @@ def write_results(
         "runtime_s": round(float(runtime_s), 1),
         "settings": _plain(settings) if settings is not None else {},
         "metrics": _plain(dict(metrics)),
-        "claims": [_plain(dataclasses.asdict(c)) for c in claims],
-        "environment": {"python": platform.python_version(), "packages": package_versions()},
+        "claims": [c.record() for c in claims],
+        "environment": {"python": platform.python_version(), "packages": package_versions(), "kernels": kernel_signature()},
     }
     validate_results(doc)
     path = results_path(part, slug, profile)

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from shared.data.digits_c import Batch, DigitsSplit, Stream, _generator, load_digits_splits
 from shared.models.cnn import SmallCNN
-from shared.models.training import cached_weights, fit_classifier, one_thread, shift_images
+from shared.models.training import SOURCE_CODE, cached_weights, fit_classifier, one_thread, shift_images
 
 GROUP_NAMES: tuple[str, ...] = ("y=0 dark", "y=0 bright", "y=1 dark", "y=1 bright")
 """``group = 2·y + b``: label ``y`` (digit >= 5) × background ``b`` (1 = bright)."""
@@ -191,4 +191,4 @@ def biased_source_model(config: BiasedModelConfig = BiasedModelConfig(), *, use_
     """The biased source model for ``config``: from the disk cache if present, else trained and cached
     (a fresh copy in eval mode each call)."""
     return cached_weights("biased-digits", config, lambda: SmallCNN(num_classes=2, width=config.width, norm=config.norm),
-                          lambda: train_biased_model(config), use_cache)
+                          lambda: train_biased_model(config), use_cache, code=(*SOURCE_CODE, "shared.data.biased_digits"))

@@ -8,6 +8,9 @@ $$\theta(\lambda)^{l} = \theta_0^{l} + \sum_{k=1}^{K} \lambda_k^{l}\, \tau_k^{l}
 \min_{\lambda} \sum_{k=1}^{K} \sum_{b=1}^{2} \frac{1}{|\mathcal B_{k,b}|} \sum_{x \in \mathcal B_{k,b}}
 H\Big(\operatorname{softmax}\big(h_k(f_{\theta(\lambda)}(x))\big)\Big).$$
 
+- **global** (not a variant of the paper): one $\lambda$ for every task and layer, i.e. task arithmetic
+  $\theta_0 + \lambda \sum_k \tau_k$ with its single coefficient learned by the same entropy loss and
+  schedule: the control that isolates what the finer coefficients add;
 - **task-wise**: one $\lambda_k$ per task, shared by all layers ($\lambda_k^l = \lambda_k$);
 - **layer-wise**: one $\lambda_k^l$ per task and per parameter tensor $l$ (weights and biases apart);
 - **AdaMerging++**: the same, with the $\tau_k$ first cleaned by TIES (trim, elect sign, disjoint
@@ -34,14 +37,14 @@ from torch.func import functional_call
 
 from shared.entropy import entropy_from_logits
 
-GRANULARITIES: tuple[str, ...] = ("task", "layer")
+GRANULARITIES: tuple[str, ...] = ("global", "task", "layer")
 
 
 @dataclass(frozen=True)
 class AdaMergingConfig:
     """The official defaults (both ``main_*_adamerging.py`` scripts)."""
 
-    granularity: str = "layer"  # "task" (main_task_wise_adamerging.py) or "layer" (main_layer_wise_adamerging.py)
+    granularity: str = "layer"  # "task" (main_task_wise_adamerging.py), "layer" (main_layer_wise_adamerging.py) or "global" (ours: one lambda)
     init: float = 0.3  # `prior = 0.3` in AdaMerging.__init__: every lambda starts at task arithmetic's 0.3
     clamp_min: float = 0.0  # lambdas(): torch.clamp(lambdas_raw, min=0.0, max=1.0)
     clamp_max: float = 1.0
@@ -93,17 +96,20 @@ class AdaMerging(nn.Module):
         for i, name in enumerate(self.layer_names):
             self.register_buffer(f"theta0_{i}", pretrained[name].detach().clone(), persistent=False)
             self.register_buffer(f"tau_{i}", torch.stack([tv[name].detach() for tv in task_vectors]), persistent=False)  # [K, ...]
-        rows = 1 if config.granularity == "task" else len(self.layer_names)
+        rows = len(self.layer_names) if config.granularity == "layer" else 1
+        cols = 1 if config.granularity == "global" else len(task_vectors)
         dtype = pretrained[self.layer_names[0]].dtype
-        self.lambdas_raw = nn.Parameter(torch.full((rows, len(task_vectors)), config.init, dtype=dtype))
+        self.lambdas_raw = nn.Parameter(torch.full((rows, cols), config.init, dtype=dtype))
 
     @property
     def num_tasks(self) -> int:
         return len(self.heads)
 
     def coefficients(self) -> Tensor:
-        r"""$\operatorname{clamp}(\lambda_{\text{raw}}, 0, 1)$, shape ``[1, K]`` (task-wise) or ``[L, K]`` (layer-wise)."""
-        return self.lambdas_raw.clamp(self.config.clamp_min, self.config.clamp_max)
+        r"""$\operatorname{clamp}(\lambda_{\text{raw}}, 0, 1)$, shape ``[1, K]`` (task-wise; global: the one
+        coefficient repeated for every task) or ``[L, K]`` (layer-wise)."""
+        lam = self.lambdas_raw.clamp(self.config.clamp_min, self.config.clamp_max)
+        return lam.expand(1, self.num_tasks) if self.config.granularity == "global" else lam
 
     def merged_parameters(self) -> dict[str, Tensor]:
         r"""$\theta^l = \theta_0^l + \sum_k \lambda_k^l \tau_k^l$ for every layer $l$, differentiable in $\lambda$."""

@@ -124,3 +124,48 @@ def evaluate(encoder: nn.Module, heads: Sequence[nn.Module], xs: Sequence[Tensor
         out["loss"].append(float(F.cross_entropy(logits, y)))
         out["entropy"].append(float(entropy_from_logits(logits, reduction="mean")))
     return out
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything that determines a fine-tuned task encoder (its cache key): the pre-trained GroupNorm
+    SmallCNN of width ``width``, the task (its data and its linear-probe head) and the fine-tuning run."""
+
+    task: str
+    width: int = 8
+    epochs: int = 5
+    seed: int = 0
+    lr: float = 1e-3
+    batch_size: int = 64
+    data_seed: int = 0
+
+
+FINETUNE_CODE: tuple[str, ...] = ("shared.merging.digits_tasks", "shared.models.training", "shared.models.cnn", "shared.data.digits_c")
+"""The code a cached fine-tuned encoder depends on (part of its cache key, with the CPU kernels)."""
+
+
+def train_finetuned_encoder(config: FinetuneConfig) -> nn.Module:
+    """:func:`finetune_encoder` on task ``config.task`` from the pre-trained encoder, under the task's
+    linear-probe head (both rebuilt deterministically here), on one thread."""
+    from shared.models.training import SourceConfig, one_thread, source_model
+
+    task = {t.name: t for t in TASKS}.get(config.task)
+    if task is None:
+        raise ValueError(f"unknown task {config.task!r}: use one of {', '.join(t.name for t in TASKS)}")
+    with one_thread():
+        encoder0 = encoder_of(source_model(SourceConfig(norm="gn", width=config.width)))
+        data = task_data(task, config.data_seed)
+        head = linear_probe_head(encoder0, data.clean_train_x, data.train_y, task.num_classes)
+        return finetune_encoder(encoder0, head, data.train_x, data.train_y, epochs=config.epochs, lr=config.lr,
+                                batch_size=config.batch_size, seed=config.seed)
+
+
+def finetuned_encoder(config: FinetuneConfig, *, use_cache: bool = True) -> nn.Module:
+    """The fine-tuned encoder of ``config``: from the disk cache of trained weights if present, else
+    trained (:func:`train_finetuned_encoder`) and cached. A fresh copy in eval mode on every call."""
+    from shared.models.cnn import SmallCNN
+    from shared.models.training import cached_weights
+
+    enc = cached_weights("digits-task-encoder", config, lambda: encoder_of(SmallCNN(width=config.width, norm="gn")),
+                         lambda: train_finetuned_encoder(config), use_cache, code=FINETUNE_CODE)
+    return enc.requires_grad_(False)

@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import os
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.cache import cache_dir, cache_key
 from shared.data.digits_c import load_digits_splits
 from shared.models.cnn import SmallCNN, accuracy
 
-CACHE_ENV = "ENTROPY_BOOK_CACHE"
+SOURCE_CODE: tuple[str, ...] = ("shared.models.training", "shared.models.cnn", "shared.data.digits_c")
+"""The code a cached source model depends on (part of its cache key, with the CPU kernels)."""
 
 
 @dataclass(frozen=True)
@@ -43,11 +42,6 @@ class SourceConfig:
     seed: int = 0
     data_seed: int = 0
     version: int = 1  # bump when the training code changes
-
-
-def cache_dir() -> Path:
-    """``$ENTROPY_BOOK_CACHE``, else ``~/.cache/entropy-at-test-time``."""
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "entropy-at-test-time"))
 
 
 
@@ -111,13 +105,14 @@ def train_source_model(config: SourceConfig) -> SmallCNN:
 
 
 def cached_weights(name: str, config: object, build: Callable[[], nn.Module], train: Callable[[], nn.Module],
-                   use_cache: bool = True) -> nn.Module:
+                   use_cache: bool = True, code: Sequence[str] = SOURCE_CODE) -> nn.Module:
     """A fresh model (``build()``) holding the weights ``train()`` gives for ``config``, cached on disk.
 
-    The cache file is ``<cache>/source-models/<name>-<hash of config>.pt``, written atomically, so two
-    notebooks training the same model never see a half-written file.
+    The cache file is ``<cache>/source-models/<name>-<key>.pt``, the key covering ``config``, the
+    source of the modules ``code`` and the CPU kernels (:func:`shared.cache.cache_key`); it is
+    written atomically, so two notebooks training the same model never see a half-written file.
     """
-    key = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()[:16]
+    key = cache_key(dataclasses.asdict(config), code)
     path = cache_dir() / "source-models" / f"{name}-{key}.pt"
     model = build()
     if use_cache and path.exists():

@@ -15,6 +15,8 @@ same family (four levels, 32–256 channels, BatchNorm, concatenated skips).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -97,3 +99,44 @@ class PixelLogits(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         z = self.segmenter(x)
         return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+
+
+@dataclass(frozen=True)
+class UNetSourceConfig:
+    """Everything that determines the weights of the SFDA testbed's source U-Net (its cache key):
+    the labelled source slices of :func:`shared.data.synthetic_segmentation.source_and_target`
+    (``n_source``, ``seed``) and the cross-entropy training of :func:`fit_cross_entropy`."""
+
+    n_source: int = 800
+    seed: int = 0
+    width: int = 8
+    epochs: int = 4
+    lr: float = 1e-2
+    batch_size: int = 32
+    weight_decay: float = 1e-4
+
+
+UNET_SOURCE_CODE: tuple[str, ...] = ("shared.models.unet", "shared.data.synthetic_segmentation")
+"""The code a cached source U-Net depends on (part of its cache key, with the CPU kernels)."""
+
+
+def train_source_unet(config: UNetSourceConfig) -> TinyUNet:
+    """Train a :class:`TinyUNet` on the source slices of seed ``config.seed`` (deterministic, one thread):
+    ``torch.manual_seed(seed)`` initialises the network, ``seed`` also orders the mini-batches."""
+    from shared.data.synthetic_segmentation import source_and_target
+    from shared.models.training import one_thread
+
+    with one_thread():
+        source = source_and_target(n_source=config.n_source, seed=config.seed).source
+        torch.manual_seed(config.seed)
+        return fit_cross_entropy(TinyUNet(width=config.width), source.images, source.masks, epochs=config.epochs,
+                                 lr=config.lr, batch_size=config.batch_size, weight_decay=config.weight_decay, seed=config.seed)
+
+
+def source_unet(config: UNetSourceConfig = UNetSourceConfig(), *, use_cache: bool = True) -> TinyUNet:
+    """The trained source U-Net for ``config``: from the disk cache of trained weights if present, else
+    trained (:func:`train_source_unet`) and cached. A fresh copy in eval mode on every call."""
+    from shared.models.training import cached_weights
+
+    return cached_weights("tinyunet", config, lambda: TinyUNet(width=config.width), lambda: train_source_unet(config),
+                          use_cache, code=UNET_SOURCE_CODE)

@@ -35,6 +35,8 @@ tokens (one step older, starting from 0, so its first step samples hot).
 
 In the library: :class:`AEPO` holds the tempered rollout; its :meth:`AEPO.on_rollout` (passed to
 :func:`shared.rl.trainer.train_rl`) draws it, and :meth:`AEPO.hooks` returns ``GRPOHooks(extra_loss=...)``.
+:attr:`AEPO.reinforced_fraction` is the fraction of the batch the term touched over the run (its activity:
+only the correct tempered samples of mixed groups are reinforced, so it can be far below the cap).
 It runs on the tiny LM (prompts rebuilt from their text, the char tokenizer) or, given the run's
 ``source`` and ``tokenizer``, on any policy of the same interface (a Hugging Face
 :class:`~shared.lm.hf_policy.HFPolicy` on real math problems): it then scores the tempered samples
@@ -189,6 +191,14 @@ class AEPO:
         self.pending: Rollout | None = None
         self.batch_size = 0
         self.last_loss = 0.0
+        self.reinforced = 0  # tempered samples the term has reinforced, summed over the steps
+        self.batch_samples = 0  # samples of the GRPO batches over the same steps
+
+    @property
+    def reinforced_fraction(self) -> float:
+        r"""AEPO's activity: $\sum_\text{steps} m \,/ \sum_\text{steps} |B|$, the fraction of the batch its term touched
+        (the implicit $\alpha$ averaged over the run; 0 before the first step)."""
+        return self.reinforced / self.batch_samples if self.batch_samples else 0.0
 
     def _tempered_rewards(self, prompt_tokens: Tensor, texts: list[str]) -> Tensor:
         """The verifiable rewards of the tempered responses (row ``i`` answers the step's problem ``i // group_size``)."""
@@ -222,6 +232,8 @@ class AEPO:
         idx = keep[:m].to(device)
         self.pending = tempered.select(idx)
         self.batch_size = rollout.tokens.shape[0]
+        self.reinforced += m
+        self.batch_samples += self.batch_size
         return {"aepo_entropy": entropy, "aepo_temperature": temperature, "aepo_kept": float(len(keep)),
                 "aepo_m": float(m), "aepo_tempered_reward": float(t_rewards.float().mean())}
 

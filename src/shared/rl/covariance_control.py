@@ -191,3 +191,32 @@ def kl_cov_hooks(config: KLCovConfig = KLCovConfig(), log: list | None = None) -
         return aggregate(penalty, batch.mask, config.aggregation, max_len=batch.mask.shape[-1])
 
     return GRPOHooks(clip_ranges=clip_ranges, extra_loss=extra_loss)
+
+
+# ## Activity: how much each mechanism does in a run (the claims protocol's activity measures)
+
+
+def detached_share(log: list[dict]) -> float:
+    r"""Clip-Cov's activity over a run: the share of valid response tokens whose gradient it detached,
+    $\sum n_\text{detached} / \sum n_\text{valid}$ over the hook's calls (``log`` of :func:`clip_cov_hooks`).
+
+    By design it is about $r$ when the band $(\omega_\text{low}, \omega_\text{high})$ holds enough tokens,
+    less when it holds fewer, and 0 when it is empty.
+    """
+    if not log:
+        raise ValueError("empty log: pass the list that clip_cov_hooks(config, log) filled during training")
+    return sum(e["n_detached"] for e in log) / max(1, sum(e["n_valid"] for e in log))
+
+
+def penalised_log_ratio(log: list[dict], beta: float) -> float:
+    r"""KL-Cov's activity over a run: the mean $\lvert\log\pi_\theta - \log\pi_\text{old}\rvert$ of the tokens it
+    penalised, $\sum \text{penalty} / (\beta \sum n_\text{penalised})$ over the hook's calls (``log`` of :func:`kl_cov_hooks`).
+
+    Exactly on-policy (one update per rollout) it is zero up to float noise: the penalty has no value.
+    With several updates per rollout it grows with how far the policy has moved since sampling.
+    """
+    if not log:
+        raise ValueError("empty log: pass the list that kl_cov_hooks(config, log) filled during training")
+    if beta <= 0:
+        raise ValueError(f"beta={beta} is not allowed: the penalty's coefficient must be > 0")
+    return sum(e["penalty"] for e in log) / (beta * max(1, sum(e["n_penalised"] for e in log)))

@@ -113,9 +113,64 @@ def steer_batch_weights(batch: TokenBatch, config: STEERConfig = STEERConfig()) 
     return steer_weights(omega, batch.mask, config)
 
 
-def steer_hooks(config: STEERConfig = STEERConfig()) -> GRPOHooks:
-    """STEER as a GRPO hook: the per-token loss weight $\\lambda_{i,t}$ (use with :data:`STEER_GRPO`)."""
-    return GRPOHooks(token_weights=lambda batch: steer_batch_weights(batch, config))
+def weight_activity(weights: Tensor, mask: Tensor, tolerance: float = 0.01) -> tuple[float, float]:
+    r"""How much a token weighting acts on a batch: $\frac{1}{N}\sum_{i,t} |1-\lambda_{i,t}|$ over the $N$ tokens of
+    ``mask``, and the fraction of them with $|1-\lambda_{i,t}| >$ ``tolerance``. ``(0, 0)`` for a batch without tokens.
+
+    Weights all equal to 1 (plain GRPO) give ``(0, 0)``; STEER's are in $[\lambda_\min, 1]$, so the first number is at
+    most $1-\lambda_\min$, reached only if every token gets the smallest weight.
+    """
+    m = mask.bool()
+    if not m.any():
+        return 0.0, 0.0
+    dev = (1.0 - weights[m].double()).abs()
+    return float(dev.mean()), float((dev > tolerance).double().mean())
+
+
+@dataclass
+class WeightLog:
+    r"""The activity of STEER's weights over a run, accumulated over every batch the hook weighted.
+
+    ``mean_deviation`` is the token-weighted mean of $|1-\lambda|$ (see :func:`weight_activity`), ``fraction_moved``
+    the fraction of tokens with $|1-\lambda| >$ ``tolerance``, ``batches`` how many weightings were logged.
+    """
+
+    tolerance: float = 0.01
+    tokens: int = 0
+    deviation_sum: float = 0.0
+    moved: int = 0
+    batches: int = 0
+
+    def record(self, weights: Tensor, mask: Tensor) -> None:
+        """Add one batch's weights (``mask`` marks its response tokens)."""
+        dev = (1.0 - weights[mask.bool()].double()).abs()
+        self.tokens += int(dev.numel())
+        self.deviation_sum += float(dev.sum())
+        self.moved += int((dev > self.tolerance).sum())
+        self.batches += 1
+
+    @property
+    def mean_deviation(self) -> float:
+        return self.deviation_sum / self.tokens if self.tokens else 0.0
+
+    @property
+    def fraction_moved(self) -> float:
+        return self.moved / self.tokens if self.tokens else 0.0
+
+
+def steer_hooks(config: STEERConfig = STEERConfig(), log: WeightLog | None = None) -> GRPOHooks:
+    """STEER as a GRPO hook: the per-token loss weight $\\lambda_{i,t}$ (use with :data:`STEER_GRPO`).
+
+    With ``log``, every batch's weights are also recorded there (the mechanism's activity, see :class:`WeightLog`).
+    """
+
+    def token_weights(batch: TokenBatch) -> Tensor:
+        weights = steer_batch_weights(batch, config)
+        if log is not None:
+            log.record(weights, batch.mask)
+        return weights
+
+    return GRPOHooks(token_weights=token_weights)
 
 
 # ## A tiny exact softmax bandit (the logits are the parameters)

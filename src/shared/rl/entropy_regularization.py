@@ -25,6 +25,11 @@ restricts the entropy to a meaningful subset and pulls it back towards an anchor
 
 Both masks are recomputed at every forward pass and carry no gradient; the gradient flows through
 the renormalised nucleus distribution at the kept positions only.
+
+**Activity.** The term can move the policy only at the positions it *touches*: kept by the peak mask
+with a nucleus of two tokens or more ($\mathcal H^p_t > 0$). :func:`touched_fraction` is their share
+of the valid response positions; about $1 - q$ (20 %) at most by design, it is near 0 for a confident
+policy whose nucleus is empty almost everywhere, and the hook records it at every update.
 """
 
 from __future__ import annotations
@@ -87,6 +92,12 @@ def selective_entropy(entropy: Tensor, keep: Tensor) -> Tensor:
     return selective_entropy_rows(entropy, keep).mean()
 
 
+def touched_fraction(entropy: Tensor, keep: Tensor, mask: Tensor) -> float:
+    r"""Share of the valid positions (``mask``) where the selective term has a gradient: kept and $\mathcal H^p_t > 0$."""
+    touched = keep & mask & (entropy.detach() > 0)
+    return float(touched.sum() / mask.sum().clamp(min=1))
+
+
 def anchored_penalty(h_sel: Tensor, anchor: Tensor | float, coef: float) -> Tensor:
     r"""$\beta\,(\bar{\mathcal H}_{sel} - \mathcal H_{anc})^2$: zero at the anchor, pulls back from either side."""
     return coef * (h_sel - anchor) ** 2
@@ -100,23 +111,31 @@ class SIREN:
     """SIREN's regulariser as a GRPO ``extra_loss`` hook; holds the anchor (set on the first call).
 
     Use ``SIREN(SIRENConfig()).hooks()`` as the ``hooks`` of :func:`shared.rl.trainer.train_rl`; a fresh
-    instance per run (the anchor is the initial policy's). ``trace`` records ``H_sel`` at every update.
+    instance per run (the anchor is the initial policy's). ``trace`` records ``H_sel`` and ``touched``
+    the :func:`touched_fraction` at every update (the mechanism's activity).
     """
 
     config: SIRENConfig = field(default_factory=SIRENConfig)
     anchor: float | None = None
     trace: list[float] = field(default_factory=list)
+    touched: list[float] = field(default_factory=list)
 
-    def selective(self, batch: TokenBatch) -> Tensor:
-        """$\\bar{\\mathcal H}_{sel}$ of a batch under the current policy (with gradient)."""
+    def masked(self, batch: TokenBatch) -> tuple[Tensor, Tensor]:
+        """The per-position entropy the term sees (top-p, with gradient) and the positions it keeps."""
         c = self.config
         h = top_p_entropy(batch.logits, c.top_p, c.top_k) if c.use_top_p else batch.entropy
         keep = peak_mask(h, batch.mask, c.quantile) if c.use_peak_mask else batch.mask
-        return selective_entropy(h, keep)
+        return h, keep
+
+    def selective(self, batch: TokenBatch) -> Tensor:
+        """$\\bar{\\mathcal H}_{sel}$ of a batch under the current policy (with gradient)."""
+        return selective_entropy(*self.masked(batch))
 
     def __call__(self, batch: TokenBatch) -> Tensor:
-        h_sel = self.selective(batch)
+        h, keep = self.masked(batch)
+        h_sel = selective_entropy(h, keep)
         self.trace.append(float(h_sel.detach()))
+        self.touched.append(touched_fraction(h, keep, batch.mask))
         if not self.config.use_anchor:
             return -self.config.coef * h_sel
         if self.anchor is None:  # first update: the initial policy (on-policy step), as ray_trainer.py step 1

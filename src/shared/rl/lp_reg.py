@@ -133,34 +133,75 @@ def lp_reg_terms(batch: TokenBatch, config: LpRegConfig) -> tuple[Tensor, Tensor
 
     On-policy the batch's detached logits are $\pi_\text{old}$'s, so the proxy is built from them.
     """
+    penalty, selected, _ = _penalty_parts(batch, config)
+    return penalty, selected
+
+
+def _penalty_parts(batch: TokenBatch, config: LpRegConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`lp_reg_terms` and the sampled tokens' proxy log-probabilities it was built from."""
     tokens_proxy = token_proxy_log_prob(batch.logits, batch.logp, config.kappa)
     selected = select_tokens(batch.logp, tokens_proxy, batch.advantages, batch.mask, config.rho)
     # off the set (padding has log pi = -inf) the penalty's argument is zeroed, so no inf or nan reaches the gradient
     logp = torch.where(selected, batch.logp, torch.zeros_like(batch.logp))
     penalty = config.beta * k3_penalty(logp, torch.where(selected, tokens_proxy, 0.0)) * selected
-    return penalty, selected
+    return penalty, selected, tokens_proxy
+
+
+def pull_and_push(batch: TokenBatch, selected: Tensor, tokens_proxy: Tensor, beta: float) -> dict[str, float]:
+    r"""How hard the penalty lifts the tokens it touches, against the surrogate's push on the same tokens.
+
+    On a selected token the penalty's gradient in $\log\pi_\theta(y_t)$ is $-\beta\,(e^{\delta} - 1)$, with
+    $\delta = \log\pi_\text{proxy}(y_t) - \log\pi_\theta(y_t) > 0$ (zero where the k3 value is clamped): its
+    *pull* raises the token by $\beta\,(e^{\delta} - 1)$. The surrogate's gradient there is $-\hat A\rho$: its
+    *push* lowers a negative-advantage token by $\lvert\hat A\rvert\rho$. Both terms are aggregated with the
+    same per-token weight, so ``pull / push`` is the share of the push the penalty cancels: below 1 the token
+    still falls, only more slowly. On-policy $e^{\delta} - 1 = m / (1 - m)$, where $m$ is the noise mass at
+    that position. Returns the batch's sums: ``n_touched`` (tokens), ``pull`` and ``push``.
+    """
+    with torch.no_grad():
+        lp = torch.where(selected, batch.logp.detach(), torch.zeros_like(tokens_proxy))
+        delta = torch.where(selected, tokens_proxy - lp, torch.zeros_like(lp))
+        unclamped = (torch.exp(delta) - delta - 1) <= KL_CLAMP
+        pull = torch.where(selected & unclamped, beta * (torch.exp(delta) - 1), torch.zeros_like(lp))
+        ratio = torch.exp(torch.where(selected, lp - batch.old_logp, torch.zeros_like(lp)))
+        push = torch.where(selected, batch.advantages.abs() * ratio, torch.zeros_like(lp))
+    return {"n_touched": int(selected.sum()), "pull": float(pull.sum()), "push": float(push.sum())}
+
+
+def pull_to_push(log: list[dict]) -> float:
+    r"""Lp-Reg's activity over a run: $\sum \text{pull} / \sum \text{push}$ over every token it touched
+    (``log`` of :func:`lp_reg_hooks`, one entry per batch; see :func:`pull_and_push`); 0 if it touched none."""
+    if not log:
+        raise ValueError("empty log: pass the list that lp_reg_hooks(config, aggregation, log) filled during training")
+    push = sum(e["push"] for e in log)
+    return sum(e["pull"] for e in log) / push if push > 0 else 0.0
 
 
 # ## The hooks
 
 
-def lp_reg_loss(config: LpRegConfig = LpRegConfig(), aggregation: str = "token-mean") -> Callable[[TokenBatch], Tensor]:
-    """``GRPOHooks.extra_loss``: the Lp-Reg penalty aggregated like the surrogate (paper: token-mean)."""
+def lp_reg_loss(config: LpRegConfig = LpRegConfig(), aggregation: str = "token-mean",
+                log: list | None = None) -> Callable[[TokenBatch], Tensor]:
+    """``GRPOHooks.extra_loss``: the Lp-Reg penalty aggregated like the surrogate (paper: token-mean).
+    ``log``, if given, gets one entry per batch: :func:`pull_and_push` (the tokens touched, pull and push)."""
 
     def extra_loss(batch: TokenBatch) -> Tensor:
-        penalty, _ = lp_reg_terms(batch, config)
+        penalty, selected, tokens_proxy = _penalty_parts(batch, config)
+        if log is not None:
+            log.append(pull_and_push(batch, selected, tokens_proxy, config.beta))
         return aggregate(penalty, batch.mask, aggregation, max_len=batch.mask.shape[-1])
 
     return extra_loss
 
 
-def lp_reg_hooks(config: LpRegConfig = LpRegConfig(), aggregation: str = "token-mean") -> GRPOHooks:
-    """The full Lp-Reg change to GRPO: the loose clip range and the penalty on selected tokens."""
+def lp_reg_hooks(config: LpRegConfig = LpRegConfig(), aggregation: str = "token-mean", log: list | None = None) -> GRPOHooks:
+    """The full Lp-Reg change to GRPO: the loose clip range and the penalty on selected tokens
+    (``log``: see :func:`lp_reg_loss`)."""
 
     def clip_ranges(batch: TokenBatch) -> tuple[Tensor, Tensor]:
         return torch.tensor(config.clip_low), torch.tensor(config.clip_high)
 
-    return GRPOHooks(clip_ranges=clip_ranges, extra_loss=lp_reg_loss(config, aggregation))
+    return GRPOHooks(clip_ranges=clip_ranges, extra_loss=lp_reg_loss(config, aggregation, log))
 
 
 # ## Diagnostics: probability mass in the paper's bands

@@ -13,18 +13,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import json
 import os
 from collections.abc import Callable
-from typing import Any, Protocol
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 import torch
 
 from shared.book.progress import progress
+from shared.cache import cache_dir, cache_key
 from shared.evaluation.passk import mean_pass_at_k
 from shared.lm.rollout import Rollout, decode_responses, generate
 from shared.lm.tasks import Problem, sample_problem, verify
@@ -33,6 +33,10 @@ from shared.models.transformer import TinyTransformer
 from shared.rl.entropy_terms import batch_covariance
 from shared.rl.grpo import GRPOConfig, GRPOHooks, group_advantages, grpo_step
 from shared.sampling import SamplerConfig
+
+RL_CODE: tuple[str, ...] = ("shared.rl", "shared.lm", "shared.models.transformer", "shared.sampling", "shared.entropy",
+                            "shared.evaluation")
+"""The code a cached RL run depends on: any change to it misses the cache (the hooks of every chapter live in shared.rl)."""
 
 
 @dataclass(frozen=True)
@@ -180,7 +184,8 @@ def train_rl(model: TinyTransformer, config: RLConfig, hooks: GRPOHooks = GRPOHo
 
 
 def _cache_path(config: RLConfig, model: TinyTransformer, tag: str, source: TaskSource) -> Path:
-    """Cache file of a run: keyed by the full config, the problem source, the starting weights and a tag naming the hooks."""
+    """Cache file of a run: keyed by the full config, the problem source, the starting weights, a tag naming
+    the hooks, the code of :data:`RL_CODE` and the CPU kernels (see :func:`shared.cache.cache_key`)."""
     weights = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         weights.update(name.encode())
@@ -191,9 +196,7 @@ def _cache_path(config: RLConfig, model: TinyTransformer, tag: str, source: Task
     parts = [fields, tag, weights.hexdigest()]
     if source != TaskSource(config.task, config.difficulties):  # the default source keeps the historical key
         parts.append(repr(source))
-    key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("ENTROPY_BOOK_CACHE", Path.home() / ".cache" / "entropy-at-test-time"))
-    return root / "rl-runs" / f"{tag}-{key}.pt"
+    return cache_dir() / "rl-runs" / f"{tag}-{cache_key(parts, RL_CODE)}.pt"
 
 
 def cached_train_rl(model: TinyTransformer, config: RLConfig, hooks: GRPOHooks = GRPOHooks(), *, tag: str = "grpo",

@@ -20,10 +20,19 @@ CoTTA = Tent's predict-then-adapt loop + a weight-averaged teacher whose (augmen
 soft predictions replace the entropy as the target + stochastic restore to the source, with every
 parameter trainable instead of the norm layers only. The EMA, restore and augmentations live in
 :mod:`shared.tta.teacher` (shared with RMT).
+
+With ``adapt=False`` steps 2 to 4 are skipped: the teacher stays the source network, and the
+prediction is the source model with test-batch statistics, averaged over the same augmentations
+when the anchor is unsure. That is BN-adapt plus test-time augmentation, no gradient: the control
+that separates what CoTTA's weight updates add from what its augmentation ensemble gives.
+How far the weights move is :func:`weight_displacement`,
+$\lVert\theta - \theta_0\rVert_2 / \lVert\theta_0\rVert_2$ over every weight and bias.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +61,7 @@ class CoTTAConfig:
     # ablation switches (the paper's Table 2 adds them one at a time)
     augment_average: bool = True  # False: the pseudo-label is always the teacher on the plain input
     restore: bool = True  # False: no stochastic restore
+    adapt: bool = True  # False: no student step, no EMA, no restore (BN-adapt + augmentation average, no gradient)
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -73,11 +83,33 @@ class CoTTAConfig:
         return named_optimizer(self.optimizer, self.lr)
 
 
+@torch.no_grad()
+def weight_displacement(model: nn.Module, reference: Mapping[str, Tensor]) -> float:
+    r"""$\lVert\theta - \theta_0\rVert_2 / \lVert\theta_0\rVert_2$ over every parameter named ``weight`` or
+    ``bias`` (the tensors CoTTA trains and restores): how far ``model`` has moved from ``reference``."""
+    moved, size = 0.0, 0.0
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[-1] not in ("weight", "bias"):
+            continue
+        if name not in reference:
+            raise ValueError(f"parameter {name!r} has no value in the reference state")
+        ref = reference[name].to(p.device, p.dtype)
+        moved += float((p - ref).pow(2).sum())
+        size += float(ref.pow(2).sum())
+    if size == 0.0:
+        raise ValueError("the reference weights are all zero: a relative displacement is undefined")
+    return math.sqrt(moved / size)
+
+
 class CoTTA(TTAMethod):
     """Weight-averaged teacher, augmentation-averaged pseudo-labels, stochastic restore; all parameters train.
 
     After each batch, ``last`` holds what the chapters plot: the anchor's mean confidence, whether the
-    augmentation average was used, and the student's own logits on the batch (before its step).
+    augmentation average was used, the student's own logits on the batch (before its step; ``None``
+    with ``adapt=False``), the fraction of the batch on which the teacher's class on the plain input
+    differs from the source's (``teacher_changed``: what the weight updates change, before this
+    batch's step), how many weight elements the stochastic restore reset and the L2 norm of the change
+    it made (``restored``, ``restore_shift``; 0 when the restore is off).
     """
 
     name = "cotta"
@@ -99,26 +131,63 @@ class CoTTA(TTAMethod):
     def pseudo_label(self, x: Tensor) -> tuple[Tensor, float, bool]:
         """The teacher's logits $\\tilde y$ (augmentation-averaged when the anchor is unsure), the anchor's
         batch-mean confidence, and whether the average was used."""
-        confidence = float(torch.softmax(self.anchor(x), -1).max(-1).values.mean())
+        logits, confidence, triggered, _ = self._label(x)
+        return logits, confidence, triggered
+
+    @torch.no_grad()
+    def _label(self, x: Tensor) -> tuple[Tensor, float, bool, float]:
+        """:meth:`pseudo_label`, plus the fraction of the batch on which the teacher's class on the plain
+        input differs from the anchor's (what the teacher's weights change; one more teacher forward
+        when the average is used, none with ``adapt=False``, where the teacher is the anchor)."""
+        anchor_logits = self.anchor(x)
+        confidence = float(torch.softmax(anchor_logits, -1).max(-1).values.mean())
         triggered = self.config.augment_average and confidence < self.config.threshold
         if triggered:
             views = [self.teacher(augment_digits(x, self.generator, self.config.augment))
                      for _ in range(self.config.n_augmentations)]
-            return torch.stack(views).mean(0), confidence, True
-        return self.teacher(x), confidence, False
+            logits = torch.stack(views).mean(0)
+        else:
+            logits = self.teacher(x)
+        if not self.config.adapt:
+            return logits, confidence, triggered, 0.0
+        plain = self.teacher(x) if triggered else logits
+        changed = float((plain.argmax(-1) != anchor_logits.argmax(-1)).double().mean())
+        return logits, confidence, triggered, changed
 
     def forward_and_adapt(self, x: Tensor) -> Tensor:
+        if not self.config.adapt:  # the no-gradient control: the (augmented) source teacher, test-batch statistics
+            teacher_logits, confidence, triggered, _ = self._label(x)
+            self.last = {"anchor_confidence": confidence, "triggered": triggered, "student_logits": None,
+                         "teacher_changed": 0.0, "restored": 0, "restore_shift": 0.0}
+            return teacher_logits
         student_logits = self.model(x)
-        teacher_logits, confidence, triggered = self.pseudo_label(x)
+        teacher_logits, confidence, triggered, changed = self._label(x)
         loss = cross_entropy_from_logits(student_logits, torch.softmax(teacher_logits, -1)).mean()
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         ema_update(self.teacher, self.model, self.config.alpha)
+        restored, shift = 0, 0.0
         if self.config.restore and self.config.restore_prob > 0:
-            stochastic_restore(self.model, self._source_state, self.config.restore_prob, self.generator)
-        self.last = {"anchor_confidence": confidence, "triggered": triggered, "student_logits": student_logits.detach()}
+            before = [p.detach().clone() for p in self.params]
+            restored = stochastic_restore(self.model, self._source_state, self.config.restore_prob, self.generator)
+            shift = math.sqrt(sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(self.params, before)))
+        self.last = {"anchor_confidence": confidence, "triggered": triggered, "student_logits": student_logits.detach(),
+                     "teacher_changed": changed, "restored": restored, "restore_shift": shift}
         return teacher_logits
+
+    @property
+    def n_weights(self) -> int:
+        """Elements of the weights and biases the student trains and the restore may reset."""
+        return sum(p.numel() for p in self.params)
+
+    def teacher_displacement(self) -> float:
+        """How far the teacher (the predicting network) has moved from the source, :func:`weight_displacement`."""
+        return weight_displacement(self.teacher, self._source_state)
+
+    def student_displacement(self) -> float:
+        """How far the student has moved from the source, :func:`weight_displacement`."""
+        return weight_displacement(self.model, self._source_state)
 
     def reset(self) -> None:
         """Student, teacher and optimiser back to the source state (the anchor never moves)."""

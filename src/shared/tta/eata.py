@@ -194,10 +194,12 @@ class EATAConfig:
 
 
 class ETA(TTAMethod):
-    """EATA without the Fisher anchor: entropy minimisation on reliable, non-redundant, re-weighted samples.
+    r"""EATA without the Fisher anchor: entropy minimisation on reliable, non-redundant, re-weighted samples.
 
     Counters: ``n_seen``, ``n_reliable`` (passed $S_1$), ``n_backward`` (passed both filters: the samples
     back-propagated), ``n_updates`` (batches with a step). ``last_mask`` is the last batch's selection.
+    ``entropy_loss_sum`` and ``penalty_sum`` add up, over the updates, the two terms of $\mathcal L$ (the
+    weighted entropy and the anti-forgetting term, zero for ETA); :attr:`penalty_share` is their ratio.
     """
 
     name = "eta"
@@ -206,7 +208,15 @@ class ETA(TTAMethod):
         self.init_from_config(model, config, **kw)
         self.moving_probs: Tensor | None = None
         self.n_seen = self.n_reliable = self.n_backward = self.n_updates = 0
+        self.entropy_loss_sum = self.penalty_sum = 0.0
         self.last_mask: Tensor | None = None
+
+    @property
+    def penalty_share(self) -> float:
+        r"""How much of the loss the anti-forgetting term is, over the stream:
+        $\sum_t \mathcal R_t / \sum_t (\mathcal L^{\text{ent}}_t + \mathcal R_t)$ over the updates (0 before any)."""
+        total = self.entropy_loss_sum + self.penalty_sum
+        return self.penalty_sum / total if total > 0 else 0.0
 
     def regularizer(self) -> Tensor | None:
         """The anti-forgetting term added to the loss (none for ETA)."""
@@ -232,6 +242,9 @@ class ETA(TTAMethod):
             return None
         self.n_updates += 1
         reg = self.regularizer()
+        self.entropy_loss_sum += float(loss.detach())
+        if reg is not None:
+            self.penalty_sum += float(reg.detach())
         return loss if reg is None else loss + reg
 
     def reset(self) -> None:

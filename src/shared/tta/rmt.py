@@ -25,13 +25,19 @@ $f_\theta(x) + f_{\theta'}(x)$ (logits before the step).
 
 RMT = CoTTA's mean teacher (without augmentation-averaged targets and without restore) with SCE
 instead of CE + a contrastive pull towards the source prototypes + source replay + a warm-up.
+
+**How much each part does** (the activity measures of the book's claims): the teacher's
+movement, the share of the student's displacement since the stream began that the EMA has
+followed, $\lVert\theta'_t - \theta'_0\rVert / \lVert\theta_t - \theta_0\rVert$ (for a student that
+jumps to new weights and stays there it is $1 - m^t$: about 4 % after 40 steps at $m = 0.999$);
+the warm-up's relative change of the student's weights; and each term's share of the loss.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -178,6 +184,22 @@ def class_prototypes(features: Callable[[Tensor], Tensor], x: Tensor, y: Tensor,
     return torch.stack([feats[y == k].mean(0) for k in range(num_classes)])
 
 
+def weight_distance(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
+    r"""$\lVert a - b \rVert_2$ over every floating-point tensor of two state dicts with the same keys."""
+    if a.keys() != b.keys():
+        raise ValueError("the two state dicts do not hold the same tensors")
+    return float(sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in a if a[k].is_floating_point()) ** 0.5)
+
+
+def relative_change(before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> float:
+    r"""$\lVert \theta_{\mathrm{after}} - \theta_{\mathrm{before}} \rVert_2 / \lVert \theta_{\mathrm{before}} \rVert_2$ over
+    the floating-point tensors of two state dicts (0 when ``before`` is all zeros and nothing moved)."""
+    zero = {k: torch.zeros_like(v) for k, v in before.items()}
+    norm = weight_distance(before, zero)
+    moved = weight_distance(before, after)
+    return moved / norm if norm > 0 else (0.0 if moved == 0 else float("inf"))
+
+
 _WARMUP_CACHE: dict[str, tuple[dict, dict, dict]] = {}
 
 
@@ -239,9 +261,14 @@ class RMT(TTAMethod):
                               if config.projection_dim > 0 and dim > 0 else nn.Identity())
         if any(True for _ in self.projector.parameters()):
             self.optimizer.add_param_group({"params": list(self.projector.parameters()), "lr": config.lr})
+        before_warmup = copy.deepcopy(self.model.state_dict())
         if config.warmup_steps > 0:
             self.warmup()
+        self.warmup_change = relative_change(before_warmup, self.model.state_dict())
+        """Relative change of the student's weights during the warm-up (0 without one)."""
         self.last: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+        """``last`` of every adaptation step since the start (or the last reset)."""
         self._start = copy.deepcopy((self.model.state_dict(), self.teacher.state_dict(), self.projector.state_dict(),
                                      self.optimizer.state_dict()))
 
@@ -316,7 +343,31 @@ class RMT(TTAMethod):
         self.optimizer.zero_grad(set_to_none=True)
         ema_update(self.teacher, self.model, cfg.momentum)
         self.last = {k: float(v.detach()) for k, v in terms.items()}
+        self.history.append(self.last)
         return prediction
+
+    # -- how much each part does ---------------------------------------------------------------
+    def teacher_movement(self) -> float:
+        r"""$\lVert\theta'_t - \theta'_0\rVert / \lVert\theta_t - \theta_0\rVert$: the share of the student's
+        displacement since the stream began (after the warm-up) that the teacher has followed (0 before any step)."""
+        student0, teacher0 = self._start[0], self._start[1]
+        student_moved = weight_distance(student0, self.model.state_dict())
+        if student_moved == 0:
+            return 0.0
+        return weight_distance(teacher0, self.teacher.state_dict()) / student_moved
+
+    def loss_shares(self) -> dict[str, float]:
+        r"""Mean over the adaptation steps of each weighted term's share of the loss,
+        $\lambda_k \mathcal L_k / \sum_j \lambda_j \mathcal L_j$ (an empty dict before any step)."""
+        cfg = self.config
+        weights = {"self_training": cfg.lambda_trg, "contrastive": cfg.lambda_cont, "source_ce": cfg.lambda_src}
+        shares: dict[str, list[float]] = {}
+        for step in self.history:
+            weighted = {k: weights[k] * v for k, v in step.items()}
+            total = sum(weighted.values())
+            for k, v in weighted.items():
+                shares.setdefault(k, []).append(v / total if total > 0 else 0.0)
+        return {k: sum(v) / len(v) for k, v in shares.items()}
 
     def reset(self) -> None:
         """Back to the state after the warm-up: student, teacher, projector and optimiser (as the official reset)."""
@@ -325,3 +376,4 @@ class RMT(TTAMethod):
         self.teacher.load_state_dict(teacher)
         self.projector.load_state_dict(projector)
         self.optimizer.load_state_dict(optimizer)
+        self.history = []

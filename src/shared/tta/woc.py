@@ -134,6 +134,12 @@ class WoC(nn.Module):
     def model(self) -> nn.Module:
         return self.adapter.model
 
+    @property
+    def selected_share(self) -> float:
+        """Share of the samples seen so far that entered the loss, ``n_selected / n_seen`` (1 before any sample:
+        nothing was rejected). This is how much the selection does: 1 means it acted as plain Tent."""
+        return self.n_selected / self.n_seen if self.n_seen else 1.0
+
     def loss(self, logits: Tensor, x: Tensor, original_probs: Tensor) -> Tensor | None:
         """The base adapter's loss on the selected rows, minus ``diversity_weight`` times $H(\\bar p)$ over the batch."""
         probs = logits.softmax(-1)
