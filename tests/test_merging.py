@@ -246,7 +246,15 @@ def test_config_and_shapes_are_validated():
 
 
 def test_finetuned_encoder_is_finetune_encoder_under_the_linear_probe_head():
-    from shared.merging.digits_tasks import FinetuneConfig, TASKS, encoder_of, finetune_encoder, finetuned_encoder, linear_probe_head, task_data
+    from shared.merging.digits_tasks import (
+        TASKS,
+        FinetuneConfig,
+        encoder_of,
+        finetune_encoder,
+        finetuned_encoder,
+        linear_probe_head,
+        task_data,
+    )
     from shared.models.training import SourceConfig, source_model
 
     config = FinetuneConfig(task="parity", width=8, epochs=1, seed=2)

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from shared.losses.segmentation_priors import (
-    SFDAConfig, class_ratio, dice_score, pooled_dice, ratio_kl, sfda_adapt, sfda_loss, tagged_prior, weighted_entropy,
+    SFDAConfig,
+    class_ratio,
+    dice_score,
+    pooled_dice,
+    ratio_kl,
+    sfda_adapt,
+    sfda_loss,
+    tagged_prior,
+    weighted_entropy,
 )
 from shared.models.unet import PixelLogits, TinyUNet
 
@@ -221,7 +229,12 @@ def test_tiny_unet_shapes_and_pixel_logits_view():
 
 def test_source_unet_is_the_seeded_cross_entropy_fit_and_the_cache_returns_the_same_weights(tmp_path, monkeypatch):
     from shared.data.synthetic_segmentation import source_and_target
-    from shared.models.unet import UNetSourceConfig, fit_cross_entropy, source_unet, train_source_unet
+    from shared.models.unet import (
+        UNetSourceConfig,
+        fit_cross_entropy,
+        source_unet,
+        train_source_unet,
+    )
 
     monkeypatch.setenv("ENTROPY_BOOK_CACHE", str(tmp_path))
     config = UNetSourceConfig(n_source=24, seed=3, width=2, epochs=1, batch_size=8)

@@ -15,7 +15,8 @@ its own label function of the digit $d$:
 As with CLIP's zero-shot heads in the paper, each task's head is fixed before fine-tuning: a linear
 probe on $\theta_0$'s features of the clean training digits. Fine-tuning then trains the whole encoder
 under that frozen head on the task's corrupted training images, and $\tau_k = \theta_k - \theta_0$.
-Everything is seeded and runs on one thread in seconds; nothing is written to disk.
+Everything is seeded and runs on one thread in seconds; :func:`finetuned_encoder` keeps each
+fine-tuned encoder in the book's cache of trained weights (keyed on its settings, the code and the kernels).
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ cost on one CPU thread for the same receptive field)::
 With ``width=8`` (channels 8–16) it has about 8k parameters and one Adam step on a batch of 24
 slices takes a few milliseconds on one CPU thread. The official SFDA code uses a deeper UNet of the
 same family (four levels, 32–256 channels, BatchNorm, concatenated skips).
+
+:func:`source_unet` trains the SFDA testbed's source model once per seed and keeps it in the book's
+cache of trained weights (keyed on its settings, the code and the kernels).
 """
 
 from __future__ import annotations
