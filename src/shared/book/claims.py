@@ -427,15 +427,19 @@ def decimals_for(halfwidth: float, significant: int = 2) -> int:
     return max(0, significant - 1 - math.floor(math.log10(halfwidth)))
 
 
+def format_interval(effect: float, lo: float, hi: float) -> str:
+    """``+3.4 [1.1, 5.7]``: an effect and its interval, rounded to the precision the interval carries."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{effect:+.3g} [−∞, ∞]"
+    d = decimals_for((hi - lo) / 2)
+    return f"{effect:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}]"
+
+
 def format_effect(claim: Claim) -> str:
-    """``+3.4 [1.1, 5.7]``: the effect and its interval, rounded to the precision the interval carries."""
-    lo, hi = claim.interval
+    """The claim's effect and interval as :func:`format_interval` writes them (an identity: its worst deviation)."""
     if claim.spec.kind == "identity":
         return _fmt(claim.effect)
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return f"{claim.effect:+.3g} [−∞, ∞]"
-    d = decimals_for((hi - lo) / 2)
-    return f"{claim.effect:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}]"
+    return format_interval(claim.effect, *claim.interval)
 
 
 VERDICT_MARKS: dict[str, str] = {"reproduced": "✅", "not reproduced": "❌", "inconclusive": "❔"}

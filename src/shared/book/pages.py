@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from shared.book.claims import decimals_for
+from shared.book.claims import format_interval
 from shared.book.results import find_book_root
 from shared.book.robustness import load_robustness, stability
 
@@ -95,10 +95,9 @@ def effect_cell(claim: dict[str, Any]) -> str:
         return f"worst deviation {claim['effect']:.2g} (tolerance {claim['tolerance']:.2g})"
     if isinstance(lo, str) or isinstance(hi, str):
         return f"{claim['effect']:+.3g} (one seed: no interval)"
-    d = decimals_for((hi - lo) / 2)
     bar = {"superiority": f"margin {claim['margin']:g}", "non-inferiority": f"margin −{claim['margin']:g}",
            "equivalence": f"margin ±{claim['margin']:g}", "descriptive": f"threshold {claim['threshold']}"}[claim["kind"]]
-    return f"{claim['effect']:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}] ({bar})"
+    return f"{format_interval(claim['effect'], lo, hi)} ({bar})"
 
 
 def paper_cell(claim: dict[str, Any]) -> str:
